@@ -1,0 +1,140 @@
+//! Kernel and step micro-benchmarks (criterion), so a change to one kernel is measured in
+//! isolation: the products of the canonical 784-400-20 model at B = 128, the fused passes,
+//! Adam, and a whole training step, each on 1 and 2 threads.
+//! Run: `cargo bench --no-default-features --bench train_step`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fastvae::layers::{bce_logits_forward_backward, linear_forward, matmul, Layout};
+use fastvae::optim::{adam_step, AdamConfig, AdamState};
+use fastvae::train::{build_pool, Dataset, Model};
+use fastvae::Config;
+use std::hint::black_box;
+
+const B: usize = 128;
+
+fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as u32 ^ seed).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32)
+        .collect()
+}
+
+fn products(c: &mut Criterion) {
+    let mut g = c.benchmark_group("matmul");
+    g.throughput(Throughput::Elements(B as u64));
+    // (name, m, k, n, a layout, b layout): the big products of one step.
+    let shapes = [
+        (
+            "fc1_forward x W1^T",
+            B,
+            784,
+            400,
+            Layout::Normal,
+            Layout::Transposed,
+        ),
+        (
+            "fc1_dweight dy^T x",
+            400,
+            B,
+            784,
+            Layout::Transposed,
+            Layout::Normal,
+        ),
+        (
+            "out_forward h W4^T",
+            B,
+            400,
+            784,
+            Layout::Normal,
+            Layout::Transposed,
+        ),
+        (
+            "out_dinp dy W4",
+            B,
+            784,
+            400,
+            Layout::Normal,
+            Layout::Normal,
+        ),
+    ];
+    for threads in [1, 2] {
+        let pool = build_pool(threads).unwrap();
+        for &(name, m, k, n, la, lb) in &shapes {
+            let a = pseudo(m * k, 1);
+            let b = pseudo(k * n, 2);
+            let mut d = vec![0.0; m * n];
+            g.bench_function(BenchmarkId::new(name, threads), |bench| {
+                bench.iter(|| pool.install(|| matmul(&mut d, &a, la, &b, lb, m, k, n)))
+            });
+        }
+    }
+    g.finish();
+}
+
+fn passes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("passes");
+    g.throughput(Throughput::Elements(B as u64));
+    let pool = build_pool(2).unwrap();
+    let x = pseudo(B * 784, 3);
+    let w = pseudo(400 * 784, 4);
+    let bias = pseudo(400, 5);
+    let mut out = vec![0.0; B * 400];
+    g.bench_function("linear_forward_relu 784->400", |bench| {
+        bench.iter(|| {
+            pool.install(|| {
+                linear_forward(
+                    &mut out,
+                    &x,
+                    &w,
+                    &bias,
+                    B,
+                    784,
+                    400,
+                    Some(fastvae::Activation::Relu),
+                )
+            })
+        })
+    });
+    let mut logits = pseudo(B * 784, 6);
+    let mut loss = vec![0.0; B];
+    g.bench_function("bce_logits B x 784", |bench| {
+        bench.iter(|| {
+            pool.install(|| bce_logits_forward_backward(&mut loss, &mut logits, &x, 784, true))
+        })
+    });
+    let n = Config::mnist().param_count().unwrap();
+    let mut p = pseudo(n, 7);
+    let grads = pseudo(n, 8);
+    let mut state = AdamState::new(n);
+    g.bench_function("adam 652,824 params", |bench| {
+        bench.iter(|| pool.install(|| adam_step(&mut p, &grads, &mut state, AdamConfig::default())))
+    });
+    g.finish();
+}
+
+fn step(c: &mut Criterion) {
+    let mut g = c.benchmark_group("train_step");
+    g.throughput(Throughput::Elements(B as u64));
+    g.sample_size(30);
+    let n_rows = 4096;
+    let data = Dataset::new(pseudo(n_rows * 784, 9), n_rows, 784).unwrap();
+    for threads in [1, 2] {
+        let mut model = Model::new(Config::mnist(), 0, threads).unwrap();
+        g.bench_function(
+            BenchmarkId::new("mnist 784-400-20 B=128", threads),
+            |bench| {
+                let mut run = model.begin_epoch(&data, B, 1e-3).unwrap();
+                bench.iter(|| {
+                    if run.done() {
+                        run = model.begin_epoch(&data, B, 1e-3).unwrap();
+                    }
+                    model.run(&data, &mut run, 1).unwrap();
+                    black_box(run.loss_sum)
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, products, passes, step);
+criterion_main!(benches);

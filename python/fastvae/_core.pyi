@@ -1,0 +1,137 @@
+"""Type stub of the compiled core, ``fastvae._core`` (Rust, PyO3). Checked by mypy's stubtest."""
+
+from os import PathLike
+from typing import final
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "__version__",
+    "EVAL_CHUNK",
+    "MAX_PARAMS",
+    "Model",
+    "Dataset",
+    "EpochRun",
+    "default_threads",
+    "FastVAEError",
+    "ConfigError",
+    "InputError",
+    "DataError",
+    "CheckpointError",
+]
+
+__version__: str
+EVAL_CHUNK: int
+MAX_PARAMS: int
+
+class FastVAEError(ValueError):
+    """Base class of fastvae's errors; a ValueError."""
+
+class ConfigError(FastVAEError):
+    """An invalid model or training setting."""
+
+class InputError(FastVAEError):
+    """Input data of the wrong shape, type or range."""
+
+class DataError(FastVAEError):
+    """A data file that is missing, corrupt or fails its checksum."""
+
+class CheckpointError(FastVAEError):
+    """A model file that cannot be read or does not match its configuration."""
+
+def default_threads() -> int:
+    """Number of logical cores, the default thread count."""
+
+@final
+class Dataset:
+    """Rows in [0, 1] copied into memory the core owns, validated once."""
+
+    def __new__(cls, x: NDArray[np.float32] | NDArray[np.float64]) -> Dataset: ...
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+@final
+class EpochRun:
+    """Progress through one training epoch."""
+
+    @property
+    def done(self) -> bool: ...
+    @property
+    def total_batches(self) -> int: ...
+    @property
+    def batches_done(self) -> int: ...
+    @property
+    def rows_done(self) -> int: ...
+    @property
+    def mean_loss(self) -> float: ...
+
+@final
+class Model:
+    """The core model: weights, Adam state and a thread pool."""
+
+    def __new__(
+        cls,
+        input_dim: int,
+        hidden_dims: list[int],
+        latent_dim: int,
+        activation: str,
+        seed: int,
+        threads: int,
+    ) -> Model: ...
+    @property
+    def threads(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def param_count(self) -> int: ...
+    @property
+    def config(self) -> tuple[int, list[int], int, str, int]:
+        """(input_dim, hidden_dims, latent_dim, activation, seed)."""
+    def weights(self) -> dict[str, NDArray[np.float32]]:
+        """Copies of the weights, named and shaped as PyTorch nn.Linear state_dict entries."""
+    def set_weights(self, weights: dict[str, NDArray[np.float32]]) -> None:
+        """Replace all weights; the model is unchanged if anything is missing or malformed."""
+    def optimizer_state(
+        self,
+    ) -> tuple[dict[str, NDArray[np.float32]], dict[str, NDArray[np.float32]], int, int]:
+        """Adam's moments (as weight-named dicts), its step count and the epoch count."""
+    def set_optimizer_state(
+        self,
+        m: dict[str, NDArray[np.float32]],
+        v: dict[str, NDArray[np.float32]],
+        step: int,
+        epoch: int,
+    ) -> None: ...
+    def begin_epoch(self, data: Dataset, batch_size: int, lr: float) -> EpochRun: ...
+    def run(self, data: Dataset, run: EpochRun, max_batches: int) -> None:
+        """Train on up to max_batches further batches of the epoch, without the GIL."""
+    def end_epoch(self, run: EpochRun) -> float: ...
+    def elbo(self, data: Dataset, seed: int) -> NDArray[np.float64]:
+        """Per-example ELBO with one z sample each, noise keyed by seed; float64 (n,)."""
+    def loss_and_grads(
+        self, x: Dataset, eps: NDArray[np.float32] | NDArray[np.float64]
+    ) -> tuple[float, dict[str, NDArray[np.float32]]]:
+        """Loss and gradients (weight-named dict) for x with the given noise eps (B, Z)."""
+    def step_with_noise(
+        self, x: Dataset, eps: NDArray[np.float32] | NDArray[np.float64], lr: float
+    ) -> float:
+        """One Adam step on x with the given noise; returns the batch loss (sum over rows)."""
+    def encode(self, data: Dataset) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """(mu, logvar), each float32 (n, Z)."""
+    def decode(self, z: NDArray[np.float32] | NDArray[np.float64]) -> NDArray[np.float32]:
+        """Bernoulli means (n, D) for latent codes z (n, Z)."""
+    def save(
+        self,
+        path: str | PathLike[str],
+        include_optimizer: bool,
+        extra: dict[str, str],
+    ) -> None:
+        """Write a safetensors model file atomically; `extra` adds metadata entries."""
+    @staticmethod
+    def load(path: str | PathLike[str], threads: int) -> tuple[Model, dict[str, str], bool]:
+        """Read a model file: the model, its extra metadata, and whether it held optimizer state."""
+    def prior_samples(self, n: int, seed: int) -> NDArray[np.float32]:
+        """n draws from the prior N(0, I), float32 (n, Z)."""

@@ -1,0 +1,54 @@
+"""Reading and writing model files. The file format and its checks live in the Rust core
+(safetensors, atomic writes, checksums); this module maps it onto the ``VAE`` estimator and
+keeps the training history in the metadata as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from . import _core
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .model import VAE
+
+__all__ = ["load", "save"]
+
+_HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "samples_per_sec", "seconds")
+
+
+def save(vae: VAE, path: str | os.PathLike[str], include_optimizer: bool) -> None:
+    model = vae._fitted()
+    if not isinstance(include_optimizer, bool):
+        raise TypeError("include_optimizer must be True or False")
+    history = json.dumps(getattr(vae, "history_", {}))
+    model.save(os.fspath(path), include_optimizer, {"history": history})
+
+
+def _history(raw: str | None) -> dict[str, list[Any]]:
+    empty: dict[str, list[Any]] = {k: [] for k in _HISTORY_KEYS}
+    if raw is None:
+        return empty
+    try:
+        h = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"the file's training history is not valid JSON: {e}") from e
+    if not isinstance(h, dict) or not all(isinstance(h.get(k), list) for k in _HISTORY_KEYS):
+        raise CheckpointError("the file's training history has an unexpected layout")
+    return {k: list(h[k]) for k in _HISTORY_KEYS}
+
+
+def load(cls: type[VAE], path: str | os.PathLike[str], threads: int | None) -> VAE:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model file at {path!r}")
+    probe = cls(threads=threads)
+    n_threads = probe._checked_config()[-1]
+    model, extra, _ = _core.Model.load(path, n_threads)
+    input_dim, hidden, latent_dim, activation, seed = model.config
+    vae = cls(input_dim, tuple(hidden), latent_dim, activation, seed, threads)
+    vae.model_ = model
+    vae.history_ = _history(extra.get("history"))
+    return vae

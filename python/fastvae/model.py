@@ -1,0 +1,396 @@
+"""The VAE estimator: a scikit-learn-style front to the Rust core.
+
+``VAE.__init__`` only stores settings; ``fit`` builds the core model on first use and trains
+it; learned state lives in attributes ending in ``_``. Every public method validates its
+arguments before touching the model, so a rejected call leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from . import _core
+from .errors import ConfigError, InputError
+
+__all__ = ["VAE"]
+
+_PARAM_NAMES = ("input_dim", "hidden_dims", "latent_dim", "activation", "seed", "threads")
+# Target seconds per call into the core while training: short enough that Ctrl-C and the
+# progress bar answer promptly, long enough that the call overhead is negligible.
+_SLICE_SECONDS = 0.1
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value}")
+    return int(value)
+
+
+def _seed(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+    seed = int(value)
+    if not 0 <= seed < 2**64:
+        raise ConfigError(f"{name} must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def _fresh_seed() -> int:
+    return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0])
+
+
+def _float_rows(x: Any, name: str, width: int, what: str) -> NDArray[np.floating]:
+    """x as a 2-D float32/float64 array with `width` columns; no copy when it already is one."""
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"{name} must be an array of shape (n, {width}): {e}") from e
+    if arr.dtype.kind != "f":
+        hint = " (for 8-bit pixels, pass x / 255)" if arr.dtype.kind in "ui" else ""
+        raise InputError(f"{name} must hold floating-point {what}, got dtype {arr.dtype}{hint}")
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float32)
+    if arr.ndim != 2:
+        raise InputError(f"{name} must be 2-D with shape (n, {width}), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise InputError(f"{name} is empty: shape {arr.shape}, need at least one row")
+    if arr.shape[1] != width:
+        raise InputError(f"{name} has {arr.shape[1]} columns, expected shape (n, {width})")
+    return arr
+
+
+class VAE:
+    """A variational autoencoder (Kingma & Welling, 2014) trained by a multithreaded Rust core.
+
+    Encoder q(z|x): an MLP ``input_dim -> hidden_dims... -> (mu, logvar)`` of width
+    ``latent_dim``; decoder p(x|z): ``latent_dim -> reversed(hidden_dims)... -> input_dim``
+    Bernoulli logits. Training minimizes, per example, the binary cross-entropy summed over
+    pixels plus KL(q(z|x) || N(0, I)), with Adam.
+
+    Parameters
+    ----------
+    input_dim : int
+        Number of inputs per example (784 for MNIST).
+    hidden_dims : sequence of int
+        Widths of the encoder's hidden layers; the decoder mirrors them. May be empty.
+    latent_dim : int
+        Width of the latent code z.
+    activation : {"relu", "tanh"}
+        Hidden-layer nonlinearity.
+    seed : int
+        Seeds the initial weights, the shuffling and the noise: the same seed and thread count
+        give bit-identical weights after ``fit``.
+    threads : int or None
+        Worker threads of this model's own pool; None uses every core (or the
+        ``FASTVAE_NUM_THREADS`` environment variable when set).
+
+    Attributes
+    ----------
+    history_ : dict of lists
+        Per epoch: ``epoch``, ``train_loss``, ``val_loss`` (None without validation data),
+        ``samples_per_sec`` and ``seconds``.
+    """
+
+    def __init__(
+        self,
+        input_dim: int = 784,
+        hidden_dims: Sequence[int] = (400,),
+        latent_dim: int = 20,
+        activation: str = "relu",
+        seed: int = 0,
+        threads: int | None = None,
+    ) -> None:
+        self.input_dim = input_dim
+        self.hidden_dims = hidden_dims
+        self.latent_dim = latent_dim
+        self.activation = activation
+        self.seed = seed
+        self.threads = threads
+        self._lock = threading.Lock()
+
+    # -- scikit-learn conventions -------------------------------------------------------
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's settings, as scikit-learn expects."""
+        return {name: getattr(self, name) for name in _PARAM_NAMES}
+
+    def set_params(self, **params: Any) -> VAE:
+        """Change constructor settings; a fitted model is discarded if the architecture changes."""
+        for name, value in params.items():
+            if name not in _PARAM_NAMES:
+                raise ConfigError(f"unknown parameter {name!r}; valid: {', '.join(_PARAM_NAMES)}")
+            setattr(self, name, value)
+        if hasattr(self, "model_"):
+            del self.model_
+            self.__dict__.pop("history_", None)
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"VAE({args})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("fastvae models are not picklable; use save(path) and VAE.load(path)")
+
+    # -- construction ---------------------------------------------------------------------
+
+    def _checked_config(self) -> tuple[int, list[int], int, str, int, int]:
+        input_dim = _positive_int("input_dim", self.input_dim)
+        if isinstance(self.hidden_dims, (str, bytes)) or not isinstance(self.hidden_dims, Sequence):
+            raise ConfigError(
+                f"hidden_dims must be a sequence of positive integers, got {self.hidden_dims!r}"
+            )
+        hidden = [_positive_int(f"hidden_dims[{i}]", h) for i, h in enumerate(self.hidden_dims)]
+        latent_dim = _positive_int("latent_dim", self.latent_dim)
+        if self.activation not in ("relu", "tanh"):
+            raise ConfigError(f"activation must be 'relu' or 'tanh', got {self.activation!r}")
+        seed = _seed("seed", self.seed)
+        threads = self.threads
+        if threads is None:
+            env = os.environ.get("FASTVAE_NUM_THREADS")
+            if env:
+                try:
+                    threads = int(env)
+                except ValueError:
+                    raise ConfigError(
+                        f"FASTVAE_NUM_THREADS must be a positive integer, got {env!r}"
+                    ) from None
+            else:
+                threads = _core.default_threads()
+        threads = _positive_int("threads", threads)
+        return input_dim, hidden, latent_dim, str(self.activation), seed, threads
+
+    def _ensure_model(self) -> _core.Model:
+        if not hasattr(self, "model_"):
+            self.model_ = _core.Model(*self._checked_config())
+            self.history_: dict[str, list[Any]] = {
+                "epoch": [],
+                "train_loss": [],
+                "val_loss": [],
+                "samples_per_sec": [],
+                "seconds": [],
+            }
+        return self.model_
+
+    def _fitted(self) -> _core.Model:
+        if not hasattr(self, "model_"):
+            raise ConfigError("this VAE has no weights yet: call fit() or VAE.load() first")
+        return self.model_
+
+    def _dataset(self, x: Any, name: str = "x") -> _core.Dataset:
+        input_dim = _positive_int("input_dim", self.input_dim)
+        arr = _float_rows(x, name, input_dim, "intensities in [0, 1]")
+        return _core.Dataset(arr)
+
+    # -- training -------------------------------------------------------------------------
+
+    def fit(
+        self,
+        x: ArrayLike,
+        y: Any = None,
+        *,
+        epochs: int = 10,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        validation_data: Any = None,
+        progress: bool = True,
+    ) -> VAE:
+        """Train for ``epochs`` more epochs, continuing from the current weights and Adam state.
+
+        Parameters
+        ----------
+        x : array of shape (n, input_dim)
+            Intensities in [0, 1], float32 or float64, any memory order.
+        y : ignored
+            Accepted so the VAE fits in a scikit-learn Pipeline.
+        epochs, batch_size : int
+            Passes over x, and rows per Adam step (the last batch of an epoch may be smaller).
+        lr : float
+            Adam's learning rate.
+        validation_data : array of shape (m, input_dim), or a tuple whose first item is one
+            Evaluated after every epoch; its mean loss goes to ``history_["val_loss"]``.
+        progress : bool
+            Show a progress bar with the running loss and samples/s.
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        InputError, ConfigError
+            On a bad argument; the model is then unchanged.
+        FloatingPointError
+            If the loss or a gradient stops being finite; the model keeps the weights of the
+            last finite step.
+        """
+        epochs = _positive_int("epochs", epochs)
+        batch_size = _positive_int("batch_size", batch_size)
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+            raise ConfigError(f"lr must be a positive number, got {lr!r}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"lr must be positive and finite, got {lr}")
+        self._checked_config()
+        data = self._dataset(x)
+        val = None
+        if validation_data is not None:
+            if isinstance(validation_data, tuple):
+                if not validation_data:
+                    raise InputError("validation_data is an empty tuple")
+                validation_data = validation_data[0]
+            val = self._dataset(validation_data, "validation_data")
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this VAE is being used by another thread")
+        try:
+            model = self._ensure_model()
+            for _ in range(epochs):
+                self._fit_epoch(model, data, val, batch_size, float(lr), progress)
+        finally:
+            self._lock.release()
+        return self
+
+    def _fit_epoch(
+        self,
+        model: _core.Model,
+        data: _core.Dataset,
+        val: _core.Dataset | None,
+        batch_size: int,
+        lr: float,
+        progress: bool,
+    ) -> None:
+        from .progress import progress_bar
+
+        epoch = model.epoch + 1
+        run = model.begin_epoch(data, batch_size, lr)
+        n = data.shape[0]
+        per_call = 1
+        seconds = 0.0
+        with progress_bar(run.total_batches, f"epoch {epoch}", progress) as bar:
+            while not run.done:
+                t0 = time.perf_counter()
+                before = run.batches_done
+                model.run(data, run, per_call)
+                dt = time.perf_counter() - t0
+                seconds += dt
+                # Grow slices until a call lasts about _SLICE_SECONDS.
+                if dt < _SLICE_SECONDS / 2:
+                    per_call = min(per_call * 2, 1 << 16)
+                bar.update(run.batches_done - before)
+                bar.set_postfix(
+                    loss=f"{run.mean_loss:.2f}",
+                    samples_s=f"{run.rows_done / max(seconds, 1e-9):,.0f}",
+                )
+            train_loss = model.end_epoch(run)
+            val_loss = None
+            if val is not None:
+                val_loss = float(-model.elbo(val, self._eval_seed()).mean())
+                bar.set_postfix(loss=f"{train_loss:.2f}", val=f"{val_loss:.2f}")
+        h = self.history_
+        h["epoch"].append(epoch)
+        h["train_loss"].append(train_loss)
+        h["val_loss"].append(val_loss)
+        h["samples_per_sec"].append(n / seconds if seconds > 0 else float("inf"))
+        h["seconds"].append(seconds)
+
+    def _eval_seed(self) -> int:
+        return _seed("seed", self.seed)
+
+    # -- inference ------------------------------------------------------------------------
+
+    def encode(self, x: ArrayLike) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """Mean and log-variance of q(z|x), each float32 of shape (n, latent_dim)."""
+        model = self._fitted()
+        mu, logvar = model.encode(self._dataset(x))
+        return mu, logvar
+
+    def transform(self, x: ArrayLike) -> NDArray[np.float32]:
+        """Latent means, shape (n, latent_dim): the VAE as a Pipeline transformer."""
+        return self.encode(x)[0]
+
+    def fit_transform(self, x: ArrayLike, y: Any = None, **fit_params: Any) -> NDArray[np.float32]:
+        """fit(x, **fit_params), then transform(x)."""
+        return self.fit(x, **fit_params).transform(x)
+
+    def decode(self, z: ArrayLike) -> NDArray[np.float32]:
+        """Pixel probabilities p(x|z), shape (n, input_dim), for latent codes z (n, latent_dim)."""
+        model = self._fitted()
+        arr = _float_rows(z, "z", _positive_int("latent_dim", self.latent_dim), "latent codes")
+        return model.decode(arr)
+
+    def reconstruct(self, x: ArrayLike) -> NDArray[np.float32]:
+        """Decode the latent mean of each row of x: probabilities of shape (n, input_dim)."""
+        return self.decode(self.transform(x))
+
+    def sample(self, n: int, seed: int | None = None) -> NDArray[np.float32]:
+        """Decode n draws from the prior z ~ N(0, I); probabilities of shape (n, input_dim)."""
+        model = self._fitted()
+        n = _positive_int("n", n)
+        seed = _fresh_seed() if seed is None else _seed("seed", seed)
+        return model.decode(model.prior_samples(n, seed))
+
+    def elbo(self, x: ArrayLike, seed: int | None = None) -> NDArray[np.float64]:
+        """Per-example evidence lower bound log p(x|z) - KL(q(z|x) || p(z)), one z sample each.
+
+        float64 of shape (n,), in nats; higher is better. With seed None the noise is keyed by
+        the model's seed, so repeated calls agree.
+        """
+        model = self._fitted()
+        data = self._dataset(x)
+        return model.elbo(data, self._eval_seed() if seed is None else _seed("seed", seed))
+
+    def score(self, x: ArrayLike, y: Any = None) -> float:
+        """Mean ELBO over x (higher is better), as scikit-learn's score."""
+        return float(self.elbo(x).mean())
+
+    # -- weights and files ----------------------------------------------------------------
+
+    def weights(self) -> dict[str, NDArray[np.float32]]:
+        """Copies of the weights, named and shaped as the state_dict of the equivalent PyTorch
+        module (ModuleLists ``encoder`` and ``decoder`` of nn.Linear, and nn.Linear ``fc_mu``,
+        ``fc_logvar``); weights are (out, in)."""
+        return dict(self._fitted().weights())
+
+    def set_weights(self, weights: dict[str, ArrayLike]) -> VAE:
+        """Replace every weight from a dict shaped as ``weights()``; all or nothing."""
+        if not isinstance(weights, dict):
+            raise InputError(f"weights must be a dict of arrays, got {type(weights).__name__}")
+        arrays = {}
+        for k, v in weights.items():
+            arr = np.asarray(v)
+            if arr.dtype.kind != "f":
+                raise InputError(f"weights[{k!r}] must be floating point, got dtype {arr.dtype}")
+            arrays[k] = np.ascontiguousarray(arr, dtype=np.float32)
+        model = self._ensure_model()
+        model.set_weights(arrays)
+        return self
+
+    def save(self, path: str | os.PathLike[str], include_optimizer: bool = True) -> None:
+        """Write the model to ``path`` in the safetensors format, atomically.
+
+        The configuration, fastvae's version and a format version go in the metadata; with
+        ``include_optimizer`` the Adam state and counters too, so training can resume.
+        """
+        from .checkpoint import save
+
+        save(self, path, include_optimizer)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], threads: int | None = None) -> VAE:
+        """Read a model written by ``save``; raises CheckpointError on any defect."""
+        from .checkpoint import load
+
+        return load(cls, path, threads)

@@ -1,0 +1,160 @@
+//! Model configuration: the sizes of the encoder and decoder and their activation.
+//! Validated once, so the rest of the core can rely on non-zero dimensions and a
+//! parameter count that fits in memory.
+
+use crate::error::{Result, VaeError};
+
+/// Hidden-layer nonlinearity, used in both encoder and decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Relu,
+    Tanh,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "relu" => Ok(Activation::Relu),
+            "tanh" => Ok(Activation::Tanh),
+            other => Err(VaeError::Config(format!(
+                "activation must be 'relu' or 'tanh', got {other:?}"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Relu => "relu",
+            Activation::Tanh => "tanh",
+        }
+    }
+}
+
+/// Largest model the core agrees to allocate (parameters, f32): 2^28, about 1 GiB per copy,
+/// and training keeps four copies (weights, gradients, two Adam moments).
+pub const MAX_PARAMS: usize = 1 << 28;
+/// Largest width of any one layer.
+pub const MAX_WIDTH: usize = 1 << 20;
+
+/// The VAE's shape: encoder D -> hidden_dims... -> (mu, logvar) of width Z,
+/// decoder Z -> hidden_dims reversed... -> D logits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub input_dim: usize,
+    pub hidden_dims: Vec<usize>,
+    pub latent_dim: usize,
+    pub activation: Activation,
+}
+
+impl Config {
+    pub fn new(
+        input_dim: usize,
+        hidden_dims: Vec<usize>,
+        latent_dim: usize,
+        activation: Activation,
+    ) -> Result<Self> {
+        let config = Config {
+            input_dim,
+            hidden_dims,
+            latent_dim,
+            activation,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Canonical MNIST model of Kingma & Welling as in pytorch/examples: 784-400-20.
+    pub fn mnist() -> Self {
+        Config {
+            input_dim: 784,
+            hidden_dims: vec![400],
+            latent_dim: 20,
+            activation: Activation::Relu,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let check = |name: &str, v: usize| {
+            if v == 0 || v > MAX_WIDTH {
+                Err(VaeError::Config(format!(
+                    "{name} must be between 1 and {MAX_WIDTH}, got {v}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        check("input_dim", self.input_dim)?;
+        check("latent_dim", self.latent_dim)?;
+        for (i, &h) in self.hidden_dims.iter().enumerate() {
+            check(&format!("hidden_dims[{i}]"), h)?;
+        }
+        match self.param_count() {
+            Some(n) if n <= MAX_PARAMS => Ok(()),
+            _ => Err(VaeError::Config(format!(
+                "model too large: more than {MAX_PARAMS} parameters (input_dim={}, hidden_dims={:?}, latent_dim={})",
+                self.input_dim, self.hidden_dims, self.latent_dim
+            ))),
+        }
+    }
+
+    /// Encoder layer widths: [D, h1, ..., hk].
+    pub fn encoder_dims(&self) -> Vec<usize> {
+        let mut dims = vec![self.input_dim];
+        dims.extend(&self.hidden_dims);
+        dims
+    }
+
+    /// Decoder layer widths: [Z, hk, ..., h1, D].
+    pub fn decoder_dims(&self) -> Vec<usize> {
+        let mut dims = vec![self.latent_dim];
+        dims.extend(self.hidden_dims.iter().rev());
+        dims.push(self.input_dim);
+        dims
+    }
+
+    /// Total number of weights and biases, or None on overflow.
+    pub fn param_count(&self) -> Option<usize> {
+        let mut total = 0usize;
+        let mut add = |i: usize, o: usize| -> Option<()> {
+            total = total.checked_add(i.checked_mul(o)?.checked_add(o)?)?;
+            Some(())
+        };
+        let enc = self.encoder_dims();
+        for w in enc.windows(2) {
+            add(w[0], w[1])?;
+        }
+        add(*enc.last()?, 2 * self.latent_dim)?;
+        for w in self.decoder_dims().windows(2) {
+            add(w[0], w[1])?;
+        }
+        Some(total)
+    }
+
+    /// Widest layer, for sizing scratch buffers.
+    pub fn max_width(&self) -> usize {
+        self.decoder_dims()
+            .into_iter()
+            .chain([2 * self.latent_dim])
+            .max()
+            .unwrap_or(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mnist_param_count() {
+        // 784*400+400 + 400*40+40 + 20*400+400 + 400*784+784
+        assert_eq!(Config::mnist().param_count(), Some(652_824));
+    }
+
+    #[test]
+    fn rejects_zero_and_huge() {
+        assert!(Config::new(784, vec![400], 0, Activation::Relu).is_err());
+        assert!(Config::new(784, vec![1_000_000_000], 20, Activation::Relu).is_err());
+        assert!(Config::new(784, vec![100_000, 100_000], 20, Activation::Relu).is_err());
+        assert!(Config::new(784, vec![], 20, Activation::Tanh).is_ok());
+    }
+}

@@ -1,0 +1,264 @@
+//! The VAE's forward and backward passes over a batch, composed from `layers`.
+//!
+//! Forward: x (B, D) -> encoder (B, h1) ... (B, hk) -> head (B, 2Z) = [mu | logvar]
+//! -> z = mu + exp(logvar / 2) eps (B, Z) -> decoder (B, hk) ... (B, h1) -> logits (B, D).
+//! Loss per example: -log p(x|z) (Bernoulli, summed over D) + KL(q(z|x) || N(0, I)).
+
+use crate::config::{Activation, Config};
+use crate::layers::{
+    activation_backward, bce_logits_forward_backward, linear_backward, linear_forward,
+    reparam_kl_backward, reparam_kl_forward,
+};
+use crate::params::{Layout, LinearLayout};
+
+/// Architecture and weights; no optimizer state.
+#[derive(Debug, Clone)]
+pub struct Vae {
+    pub config: Config,
+    pub layout: Layout,
+    /// All weights and biases, laid out by `layout`.
+    pub params: Vec<f32>,
+}
+
+/// Every activation and activation-gradient buffer for batches of up to `cap` rows, allocated
+/// once and reused by every step.
+#[derive(Debug)]
+pub struct Workspace {
+    pub cap: usize,
+    /// (B, D) the batch.
+    pub x: Vec<f32>,
+    /// (B, Z) the reparameterization noise.
+    pub eps: Vec<f32>,
+    /// Per encoder layer, (B, h_i) after its activation.
+    pub enc: Vec<Vec<f32>>,
+    /// (B, 2Z) [mu | logvar].
+    pub head: Vec<f32>,
+    /// (B, Z) the latent sample.
+    pub z: Vec<f32>,
+    /// Per decoder layer, (B, width) after its activation; the last is the logits (B, D),
+    /// overwritten by their gradient in the backward pass.
+    pub dec: Vec<Vec<f32>>,
+    /// (B) per-example -log p(x|z) and KL.
+    pub bce: Vec<f64>,
+    pub kl: Vec<f64>,
+    /// Gradients with respect to `enc`, `head`, `z` and the decoder's hidden layers.
+    pub denc: Vec<Vec<f32>>,
+    pub dhead: Vec<f32>,
+    pub dz: Vec<f32>,
+    pub ddec: Vec<Vec<f32>>,
+}
+
+impl Workspace {
+    pub fn new(config: &Config, cap: usize, with_grads: bool) -> Self {
+        let z = config.latent_dim;
+        let buf = |w: usize| vec![0.0f32; cap * w];
+        let enc: Vec<_> = config.hidden_dims.iter().map(|&h| buf(h)).collect();
+        let dec: Vec<_> = config.decoder_dims()[1..].iter().map(|&w| buf(w)).collect();
+        let grad = |w: usize| if with_grads { buf(w) } else { Vec::new() };
+        Workspace {
+            cap,
+            x: buf(config.input_dim),
+            eps: buf(z),
+            denc: config.hidden_dims.iter().map(|&h| grad(h)).collect(),
+            ddec: config.hidden_dims.iter().rev().map(|&h| grad(h)).collect(),
+            enc,
+            head: buf(2 * z),
+            z: buf(z),
+            dec,
+            bce: vec![0.0; cap],
+            kl: vec![0.0; cap],
+            dhead: grad(2 * z),
+            dz: grad(z),
+        }
+    }
+}
+
+fn weights<'a>(params: &'a [f32], l: &LinearLayout) -> (&'a [f32], &'a [f32]) {
+    (&params[l.weight.clone()], &params[l.bias.clone()])
+}
+
+fn weight_grads<'a>(grads: &'a mut [f32], l: &LinearLayout) -> (&'a mut [f32], &'a mut [f32]) {
+    grads[l.weight.start..l.bias.end].split_at_mut(l.weight.len())
+}
+
+impl Vae {
+    pub fn new(config: Config, seed: u64) -> Self {
+        let layout = Layout::new(&config);
+        let params = layout.init(seed);
+        Vae {
+            config,
+            layout,
+            params,
+        }
+    }
+
+    fn act(&self) -> Activation {
+        self.config.activation
+    }
+
+    /// ws.x[..n] -> ws.head[..n] = [mu | logvar].
+    pub fn encode_forward(&self, ws: &mut Workspace, n: usize) {
+        let p = &self.params;
+        let mut inp: &[f32] = &ws.x[..n * self.config.input_dim];
+        for (l, out) in self.layout.encoder.iter().zip(ws.enc.iter_mut()) {
+            let (w, b) = weights(p, l);
+            let out = &mut out[..n * l.out_dim];
+            linear_forward(out, inp, w, b, n, l.in_dim, l.out_dim, Some(self.act()));
+            inp = out;
+        }
+        let h = &self.layout.head;
+        let (w, b) = weights(p, h);
+        linear_forward(
+            &mut ws.head[..n * h.out_dim],
+            inp,
+            w,
+            b,
+            n,
+            h.in_dim,
+            h.out_dim,
+            None,
+        );
+    }
+
+    /// ws.head, ws.eps -> ws.z and ws.kl for the first n rows.
+    pub fn reparameterize(&self, ws: &mut Workspace, n: usize) {
+        let z = self.config.latent_dim;
+        reparam_kl_forward(
+            &mut ws.z[..n * z],
+            &mut ws.kl[..n],
+            &ws.head[..n * 2 * z],
+            &ws.eps[..n * z],
+            z,
+        );
+    }
+
+    /// ws.z[..n] -> logits in ws.dec.last()[..n].
+    pub fn decode_forward(&self, ws: &mut Workspace, n: usize) {
+        let p = &self.params;
+        let last = self.layout.decoder.len() - 1;
+        let (mut prev, mut rest) = (&ws.z[..], &mut ws.dec[..]);
+        for (j, l) in self.layout.decoder.iter().enumerate() {
+            let (out, tail) = rest
+                .split_first_mut()
+                .expect("one buffer per decoder layer");
+            let (w, b) = weights(p, l);
+            let act = (j < last).then_some(self.act());
+            let out = &mut out[..n * l.out_dim];
+            linear_forward(
+                out,
+                &prev[..n * l.in_dim],
+                w,
+                b,
+                n,
+                l.in_dim,
+                l.out_dim,
+                act,
+            );
+            prev = out;
+            rest = tail;
+        }
+    }
+
+    /// Full forward pass for n rows given ws.x and ws.eps; leaves logits in ws.dec.last().
+    pub fn forward(&self, ws: &mut Workspace, n: usize) {
+        self.encode_forward(ws, n);
+        self.reparameterize(ws, n);
+        self.decode_forward(ws, n);
+    }
+
+    /// Per-example -log p(x|z) into ws.bce; with `grad`, the logits become their gradient.
+    pub fn reconstruction_loss(&self, ws: &mut Workspace, n: usize, grad: bool) {
+        let d = self.config.input_dim;
+        let logits = ws.dec.last_mut().expect("decoder has an output layer");
+        bce_logits_forward_backward(
+            &mut ws.bce[..n],
+            &mut logits[..n * d],
+            &ws.x[..n * d],
+            d,
+            grad,
+        );
+    }
+
+    /// After `forward`: the loss summed over the n rows, and its gradient with respect to
+    /// every parameter written into `grads` (laid out as the parameters).
+    pub fn loss_backward(&self, grads: &mut [f32], ws: &mut Workspace, n: usize) -> f64 {
+        debug_assert_eq!(grads.len(), self.params.len());
+        self.reconstruction_loss(ws, n, true);
+        let loss = ws.bce[..n].iter().sum::<f64>() + ws.kl[..n].iter().sum::<f64>();
+        let p = &self.params;
+        let act = self.act();
+
+        // Decoder, last layer first. dout of layer j is the logits' gradient for the last
+        // layer and ddec[j] (made pre-activation) for the others.
+        let dec_layers = &self.layout.decoder;
+        for j in (0..dec_layers.len()).rev() {
+            let l = &dec_layers[j];
+            let (dw, db) = weight_grads(grads, l);
+            let (w, _) = weights(p, l);
+            let (dec_before, dec_from_j) = ws.dec.split_at_mut(j);
+            let (ddec_before, ddec_from_j) = ws.ddec.split_at_mut(j);
+            let dout: &[f32] = if j + 1 == dec_layers.len() {
+                &dec_from_j[0][..n * l.out_dim]
+            } else {
+                let d = &mut ddec_from_j[0][..n * l.out_dim];
+                activation_backward(d, &dec_from_j[0][..n * l.out_dim], l.out_dim, act);
+                d
+            };
+            let (inp, dinp): (&[f32], &mut [f32]) = if j == 0 {
+                (&ws.z[..n * l.in_dim], &mut ws.dz[..n * l.in_dim])
+            } else {
+                (
+                    &dec_before[j - 1][..n * l.in_dim],
+                    &mut ddec_before[j - 1][..n * l.in_dim],
+                )
+            };
+            linear_backward(Some(dinp), dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
+        }
+
+        let z = self.config.latent_dim;
+        reparam_kl_backward(
+            &mut ws.dhead[..n * 2 * z],
+            &ws.dz[..n * z],
+            &ws.head[..n * 2 * z],
+            &ws.eps[..n * z],
+            z,
+        );
+
+        // Head, then the encoder from its last layer; the first layer's input gradient is
+        // never needed.
+        let enc_layers = &self.layout.encoder;
+        let d_in = self.config.input_dim;
+        let h = &self.layout.head;
+        {
+            let (dw, db) = weight_grads(grads, h);
+            let (w, _) = weights(p, h);
+            let (inp, dinp): (&[f32], Option<&mut [f32]>) = match enc_layers.len() {
+                0 => (&ws.x[..n * d_in], None),
+                k => (
+                    &ws.enc[k - 1][..n * h.in_dim],
+                    Some(&mut ws.denc[k - 1][..n * h.in_dim]),
+                ),
+            };
+            let dout = &ws.dhead[..n * h.out_dim];
+            linear_backward(dinp, dw, db, dout, inp, w, n, h.in_dim, h.out_dim);
+        }
+        for i in (0..enc_layers.len()).rev() {
+            let l = &enc_layers[i];
+            let (dw, db) = weight_grads(grads, l);
+            let (w, _) = weights(p, l);
+            let (denc_before, denc_from_i) = ws.denc.split_at_mut(i);
+            let dout = &mut denc_from_i[0][..n * l.out_dim];
+            activation_backward(dout, &ws.enc[i][..n * l.out_dim], l.out_dim, act);
+            let (inp, dinp): (&[f32], Option<&mut [f32]>) = if i == 0 {
+                (&ws.x[..n * d_in], None)
+            } else {
+                (
+                    &ws.enc[i - 1][..n * l.in_dim],
+                    Some(&mut denc_before[i - 1][..n * l.in_dim]),
+                )
+            };
+            linear_backward(dinp, dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
+        }
+        loss
+    }
+}

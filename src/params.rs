@@ -1,0 +1,146 @@
+//! Where each layer's weights live in one flat `Vec<f32>`. Parameters, gradients and both Adam
+//! moments share this layout, so the optimizer is one loop over four slices.
+//!
+//! Weights are stored (out, in) row-major, as torch.nn.Linear stores them. The encoder's mu and
+//! logvar heads are one (2Z, H) matrix whose first Z rows are fc_mu and last Z rows fc_logvar,
+//! so both heads are one product; each named tensor is still a contiguous range.
+
+use crate::config::Config;
+use crate::rng::{stream, Purpose};
+use rand::RngExt;
+use std::ops::Range;
+
+/// One linear layer y = x W^T + b: W at `weight` (out_dim, in_dim), b at `bias` (out_dim).
+#[derive(Debug, Clone)]
+pub struct LinearLayout {
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub weight: Range<usize>,
+    pub bias: Range<usize>,
+}
+
+/// A named tensor as the equivalent PyTorch module's state_dict would hold it.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub range: Range<usize>,
+}
+
+/// Offsets of every layer in the flat parameter buffer.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// D -> h1 -> ... -> hk, activation after each.
+    pub encoder: Vec<LinearLayout>,
+    /// hk -> 2Z: [mu | logvar].
+    pub head: LinearLayout,
+    /// Z -> hk -> ... -> h1 -> D; activation after all but the last (logits).
+    pub decoder: Vec<LinearLayout>,
+    pub len: usize,
+}
+
+impl Layout {
+    pub fn new(config: &Config) -> Self {
+        let mut len = 0;
+        let mut linear = |in_dim: usize, out_dim: usize| {
+            let weight = len..len + in_dim * out_dim;
+            let bias = weight.end..weight.end + out_dim;
+            len = bias.end;
+            LinearLayout {
+                in_dim,
+                out_dim,
+                weight,
+                bias,
+            }
+        };
+        let enc_dims = config.encoder_dims();
+        let encoder: Vec<_> = enc_dims.windows(2).map(|w| linear(w[0], w[1])).collect();
+        let head = linear(*enc_dims.last().unwrap(), 2 * config.latent_dim);
+        let decoder: Vec<_> = config
+            .decoder_dims()
+            .windows(2)
+            .map(|w| linear(w[0], w[1]))
+            .collect();
+        Layout {
+            encoder,
+            head,
+            decoder,
+            len,
+        }
+    }
+
+    /// Every tensor by its PyTorch name, in a fixed order: encoder.{i}, fc_mu, fc_logvar,
+    /// decoder.{j}; weights (out, in), biases (out,).
+    pub fn tensors(&self) -> Vec<TensorSpec> {
+        let mut out = Vec::new();
+        let mut push = |name: String, shape: Vec<usize>, range: Range<usize>| {
+            out.push(TensorSpec { name, shape, range })
+        };
+        let mut linear = |prefix: String, l: &LinearLayout| {
+            push(
+                format!("{prefix}.weight"),
+                vec![l.out_dim, l.in_dim],
+                l.weight.clone(),
+            );
+            push(format!("{prefix}.bias"), vec![l.out_dim], l.bias.clone());
+        };
+        for (i, l) in self.encoder.iter().enumerate() {
+            linear(format!("encoder.{i}"), l);
+        }
+        let h = &self.head;
+        let z = h.out_dim / 2;
+        let (w, b) = (h.weight.start, h.bias.start);
+        let half = |w0: usize, b0: usize| LinearLayout {
+            in_dim: h.in_dim,
+            out_dim: z,
+            weight: w0..w0 + z * h.in_dim,
+            bias: b0..b0 + z,
+        };
+        linear("fc_mu".into(), &half(w, b));
+        linear("fc_logvar".into(), &half(w + z * h.in_dim, b + z));
+        for (j, l) in self.decoder.iter().enumerate() {
+            linear(format!("decoder.{j}"), l);
+        }
+        out
+    }
+
+    fn layers(&self) -> impl Iterator<Item = &LinearLayout> {
+        self.encoder
+            .iter()
+            .chain(std::iter::once(&self.head))
+            .chain(self.decoder.iter())
+    }
+
+    /// torch.nn.Linear's default init: weights and biases U(-1/sqrt(in), 1/sqrt(in)).
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let mut params = vec![0.0f32; self.len];
+        for (i, l) in self.layers().enumerate() {
+            let mut rng = stream(seed, Purpose::Init, i as u64);
+            let bound = 1.0 / (l.in_dim as f32).sqrt();
+            for v in &mut params[l.weight.start..l.bias.end] {
+                *v = rng.random_range(-bound..bound);
+            }
+        }
+        params
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_tile_the_buffer() {
+        let layout = Layout::new(&Config::mnist());
+        let mut tensors = layout.tensors();
+        tensors.sort_by_key(|t| t.range.start);
+        let mut covered = 0;
+        for t in tensors {
+            assert_eq!(t.range.start, covered, "{}", t.name);
+            assert_eq!(t.range.len(), t.shape.iter().product::<usize>());
+            covered = t.range.end;
+        }
+        assert_eq!(covered, layout.len);
+        assert_eq!(layout.len, 652_824);
+    }
+}

@@ -1,0 +1,494 @@
+//! The one binding module: converts numpy arrays to core types and back, releases the GIL
+//! around core work, and maps `VaeError` to fastvae's exception classes. No numerics here.
+
+use crate::checkpoint;
+use crate::config::{Activation, Config};
+use crate::error::VaeError;
+use crate::params::TensorSpec;
+use crate::train::{Dataset, EpochRun, Model, EVAL_CHUNK};
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyFloatingPointError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::collections::HashMap;
+
+pyo3::create_exception!(
+    fastvae,
+    FastVAEError,
+    PyValueError,
+    "Base class of fastvae's errors; a ValueError."
+);
+pyo3::create_exception!(
+    fastvae,
+    ConfigError,
+    FastVAEError,
+    "An invalid model or training setting."
+);
+pyo3::create_exception!(
+    fastvae,
+    InputError,
+    FastVAEError,
+    "Input data of the wrong shape, type or range."
+);
+pyo3::create_exception!(
+    fastvae,
+    DataError,
+    FastVAEError,
+    "A data file that is missing, corrupt or fails its checksum."
+);
+pyo3::create_exception!(
+    fastvae,
+    CheckpointError,
+    FastVAEError,
+    "A model file that cannot be read or does not match its configuration."
+);
+
+fn to_py(e: VaeError) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        VaeError::Config(_) => ConfigError::new_err(msg),
+        VaeError::Input(_) => InputError::new_err(msg),
+        VaeError::Checkpoint(_) => CheckpointError::new_err(msg),
+        VaeError::NonFinite { .. } => PyFloatingPointError::new_err(msg),
+    }
+}
+
+/// Copy a 2-D float32 or float64 array (any strides) into a row-major f32 buffer.
+fn copy_rows(x: &Bound<'_, PyAny>, name: &str) -> PyResult<(Vec<f32>, usize, usize)> {
+    if let Ok(a) = x.extract::<PyReadonlyArray2<'_, f32>>() {
+        let (n, d) = (a.shape()[0], a.shape()[1]);
+        // as_slice() also accepts Fortran-contiguous memory, which is not row-major.
+        let data = match a.as_slice() {
+            Ok(s) if a.is_c_contiguous() => s.to_vec(),
+            _ => a.as_array().iter().copied().collect(),
+        };
+        return Ok((data, n, d));
+    }
+    if let Ok(a) = x.extract::<PyReadonlyArray2<'_, f64>>() {
+        let (n, d) = (a.shape()[0], a.shape()[1]);
+        return Ok((a.as_array().iter().map(|&v| v as f32).collect(), n, d));
+    }
+    Err(InputError::new_err(format!(
+        "{name} must be a 2-D float32 or float64 numpy array"
+    )))
+}
+
+type ArrayPair<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<f32>>);
+
+fn rows_to_py<'py>(
+    py: Python<'py>,
+    v: Vec<f32>,
+    n: usize,
+    d: usize,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    PyArray1::from_vec(py, v).reshape([n, d])
+}
+
+/// Rows in [0, 1] copied into memory the core owns, validated once.
+#[pyclass(name = "Dataset", module = "fastvae._core", frozen)]
+struct PyDataset {
+    inner: Dataset,
+}
+
+#[pymethods]
+impl PyDataset {
+    #[new]
+    fn new(py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let (data, n, d) = copy_rows(x, "x")?;
+        let inner = py.detach(|| Dataset::new(data, n, d)).map_err(to_py)?;
+        Ok(PyDataset { inner })
+    }
+
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        (self.inner.n, self.inner.d)
+    }
+}
+
+/// Progress through one training epoch.
+#[pyclass(name = "EpochRun", module = "fastvae._core")]
+struct PyEpochRun {
+    inner: EpochRun,
+}
+
+#[pymethods]
+impl PyEpochRun {
+    #[getter]
+    fn done(&self) -> bool {
+        self.inner.done()
+    }
+    #[getter]
+    fn total_batches(&self) -> usize {
+        self.inner.total_batches()
+    }
+    #[getter]
+    fn batches_done(&self) -> usize {
+        self.inner.batches_done()
+    }
+    #[getter]
+    fn rows_done(&self) -> usize {
+        self.inner.next
+    }
+    #[getter]
+    fn mean_loss(&self) -> f64 {
+        self.inner.mean_loss()
+    }
+}
+
+/// The core model: weights, Adam state and a thread pool.
+#[pyclass(name = "Model", module = "fastvae._core")]
+struct PyModel {
+    inner: Model,
+}
+
+fn tensors_to_dict<'py>(
+    py: Python<'py>,
+    specs: &[TensorSpec],
+    flat: &[f32],
+) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    for t in specs {
+        let arr = PyArray1::from_slice(py, &flat[t.range.clone()]).reshape(t.shape.clone())?;
+        out.set_item(&t.name, arr)?;
+    }
+    Ok(out)
+}
+
+/// A flat buffer from a dict with exactly the named tensors, each of the right shape and finite.
+fn dict_to_tensors(
+    specs: &[TensorSpec],
+    len: usize,
+    d: &Bound<'_, PyDict>,
+    what: &str,
+) -> PyResult<Vec<f32>> {
+    let mut flat = vec![0.0f32; len];
+    for t in specs {
+        let v = d.get_item(&t.name)?.ok_or_else(|| {
+            InputError::new_err(format!("{what} is missing the tensor {:?}", t.name))
+        })?;
+        let arr = v
+            .extract::<numpy::PyReadonlyArrayDyn<'_, f32>>()
+            .map_err(|_| {
+                InputError::new_err(format!("{what}[{:?}] must be a float32 array", t.name))
+            })?;
+        if arr.shape() != t.shape.as_slice() {
+            return Err(InputError::new_err(format!(
+                "{what}[{:?}] has shape {:?}, expected {:?}",
+                t.name,
+                arr.shape(),
+                t.shape
+            )));
+        }
+        let dst = &mut flat[t.range.clone()];
+        for (o, &x) in dst.iter_mut().zip(arr.as_array().iter()) {
+            *o = x;
+        }
+        if let Some(bad) = dst.iter().position(|v| !v.is_finite()) {
+            return Err(InputError::new_err(format!(
+                "{what}[{:?}] has a non-finite value at flat index {bad}",
+                t.name
+            )));
+        }
+    }
+    if d.len() != specs.len() {
+        let known: Vec<&str> = specs.iter().map(|t| t.name.as_str()).collect();
+        for k in d.keys() {
+            let k: String = k.extract()?;
+            if !known.contains(&k.as_str()) {
+                return Err(InputError::new_err(format!(
+                    "{what} has an unknown tensor {k:?}; expected {known:?}"
+                )));
+            }
+        }
+    }
+    Ok(flat)
+}
+
+#[pymethods]
+impl PyModel {
+    #[new]
+    fn new(
+        input_dim: usize,
+        hidden_dims: Vec<usize>,
+        latent_dim: usize,
+        activation: &str,
+        seed: u64,
+        threads: usize,
+    ) -> PyResult<Self> {
+        let act = Activation::parse(activation).map_err(to_py)?;
+        let config = Config::new(input_dim, hidden_dims, latent_dim, act).map_err(to_py)?;
+        Ok(PyModel {
+            inner: Model::new(config, seed, threads).map_err(to_py)?,
+        })
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.inner.threads()
+    }
+    #[getter]
+    fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+    #[getter]
+    fn step(&self) -> u64 {
+        self.inner.adam.t
+    }
+    #[getter]
+    fn param_count(&self) -> usize {
+        self.inner.vae.params.len()
+    }
+
+    /// Copies of the weights, named and shaped as PyTorch nn.Linear state_dict entries.
+    fn weights<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        tensors_to_dict(py, &self.inner.vae.layout.tensors(), &self.inner.vae.params)
+    }
+
+    /// Replace all weights; the model is unchanged if anything is missing or malformed.
+    fn set_weights(&mut self, weights: &Bound<'_, PyDict>) -> PyResult<()> {
+        let flat = dict_to_tensors(
+            &self.inner.vae.layout.tensors(),
+            self.inner.vae.params.len(),
+            weights,
+            "weights",
+        )?;
+        self.inner.vae.params = flat;
+        Ok(())
+    }
+
+    /// Adam's moments (as weight-named dicts), its step count and the epoch count.
+    fn optimizer_state<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyDict>, u64, u64)> {
+        let specs = self.inner.vae.layout.tensors();
+        Ok((
+            tensors_to_dict(py, &specs, &self.inner.adam.m)?,
+            tensors_to_dict(py, &specs, &self.inner.adam.v)?,
+            self.inner.adam.t,
+            self.inner.epoch,
+        ))
+    }
+
+    fn set_optimizer_state(
+        &mut self,
+        m: &Bound<'_, PyDict>,
+        v: &Bound<'_, PyDict>,
+        step: u64,
+        epoch: u64,
+    ) -> PyResult<()> {
+        let specs = self.inner.vae.layout.tensors();
+        let len = self.inner.vae.params.len();
+        let m = dict_to_tensors(&specs, len, m, "adam m")?;
+        let v = dict_to_tensors(&specs, len, v, "adam v")?;
+        if v.iter().any(|&x| x < 0.0) {
+            return Err(InputError::new_err("adam v must be non-negative"));
+        }
+        self.inner.adam.m = m;
+        self.inner.adam.v = v;
+        self.inner.adam.t = step;
+        self.inner.epoch = epoch;
+        Ok(())
+    }
+
+    fn begin_epoch(
+        &self,
+        data: &Bound<'_, PyDataset>,
+        batch_size: usize,
+        lr: f32,
+    ) -> PyResult<PyEpochRun> {
+        let inner = self
+            .inner
+            .begin_epoch(&data.get().inner, batch_size, lr)
+            .map_err(to_py)?;
+        Ok(PyEpochRun { inner })
+    }
+
+    /// Train on up to max_batches further batches of the epoch, without the GIL.
+    fn run(
+        &mut self,
+        py: Python<'_>,
+        data: &Bound<'_, PyDataset>,
+        run: &mut PyEpochRun,
+        max_batches: usize,
+    ) -> PyResult<()> {
+        let data = &data.get().inner;
+        let model = &mut self.inner;
+        py.detach(|| model.run(data, &mut run.inner, max_batches))
+            .map_err(to_py)
+    }
+
+    fn end_epoch(&mut self, run: &PyEpochRun) -> PyResult<f64> {
+        if !run.inner.done() {
+            return Err(ConfigError::new_err(
+                "end_epoch called before the epoch finished",
+            ));
+        }
+        Ok(self.inner.end_epoch(&run.inner))
+    }
+
+    /// Per-example ELBO with one z sample each, noise keyed by seed; float64 (n,).
+    fn elbo<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'py, PyDataset>,
+        seed: u64,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let data = &data.get().inner;
+        let mut out = vec![0.0f64; data.n];
+        // Slices of 16 chunks between checks for Ctrl-C.
+        let slice = 16 * EVAL_CHUNK;
+        for start in (0..data.n).step_by(slice) {
+            let end = (start + slice).min(data.n);
+            let model = &self.inner;
+            let o = &mut out[start..end];
+            py.detach(|| model.elbo_rows(data, start, end, seed, o))
+                .map_err(to_py)?;
+            py.check_signals()?;
+        }
+        Ok(PyArray1::from_vec(py, out))
+    }
+
+    /// Loss and gradients (weight-named dict) for x with the given noise eps (B, Z).
+    fn loss_and_grads<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyDataset>,
+        eps: &Bound<'py, PyAny>,
+    ) -> PyResult<(f64, Bound<'py, PyDict>)> {
+        let (eps, _, _) = copy_rows(eps, "eps")?;
+        let x = &x.get().inner;
+        let model = &self.inner;
+        let (loss, grads) = py.detach(|| model.loss_and_grads(x, &eps)).map_err(to_py)?;
+        Ok((
+            loss,
+            tensors_to_dict(py, &self.inner.vae.layout.tensors(), &grads)?,
+        ))
+    }
+
+    /// One Adam step on x with the given noise; returns the batch loss (sum over rows).
+    fn step_with_noise(
+        &mut self,
+        py: Python<'_>,
+        x: &Bound<'_, PyDataset>,
+        eps: &Bound<'_, PyAny>,
+        lr: f32,
+    ) -> PyResult<f64> {
+        let (eps, _, _) = copy_rows(eps, "eps")?;
+        let x = &x.get().inner;
+        let model = &mut self.inner;
+        py.detach(|| model.step_with_noise(x, &eps, lr))
+            .map_err(to_py)
+    }
+
+    /// (mu, logvar), each float32 (n, Z).
+    fn encode<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'py, PyDataset>,
+    ) -> PyResult<ArrayPair<'py>> {
+        let data = &data.get().inner;
+        let model = &self.inner;
+        let (mu, logvar) = py.detach(|| model.encode(data)).map_err(to_py)?;
+        let z = model.vae.config.latent_dim;
+        Ok((
+            rows_to_py(py, mu, data.n, z)?,
+            rows_to_py(py, logvar, data.n, z)?,
+        ))
+    }
+
+    /// Bernoulli means (n, D) for latent codes z (n, Z).
+    fn decode<'py>(
+        &self,
+        py: Python<'py>,
+        z: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let (z, n, zdim) = copy_rows(z, "z")?;
+        let want = self.inner.vae.config.latent_dim;
+        if zdim != want {
+            return Err(InputError::new_err(format!(
+                "z has {zdim} columns, expected shape (n, {want})"
+            )));
+        }
+        let model = &self.inner;
+        let probs = py.detach(|| model.decode(&z)).map_err(to_py)?;
+        rows_to_py(py, probs, n, model.vae.config.input_dim)
+    }
+
+    /// Write a safetensors model file atomically; `extra` adds metadata entries.
+    fn save(
+        &self,
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        include_optimizer: bool,
+        extra: HashMap<String, String>,
+    ) -> PyResult<()> {
+        let model = &self.inner;
+        py.detach(|| checkpoint::save(&path, model, include_optimizer, &extra))
+            .map_err(to_py)
+    }
+
+    /// Read a model file: the model, its extra metadata, and whether it held optimizer state.
+    #[staticmethod]
+    fn load(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        threads: usize,
+    ) -> PyResult<(PyModel, HashMap<String, String>, bool)> {
+        let ck = py.detach(|| checkpoint::load(&path)).map_err(to_py)?;
+        let extra = ck.extra.clone();
+        let has_optimizer = ck.adam.is_some();
+        let inner = Model::from_checkpoint(ck, threads).map_err(to_py)?;
+        Ok((PyModel { inner }, extra, has_optimizer))
+    }
+
+    /// (input_dim, hidden_dims, latent_dim, activation, seed).
+    #[getter]
+    fn config(&self) -> (usize, Vec<usize>, usize, &'static str, u64) {
+        let c = &self.inner.vae.config;
+        (
+            c.input_dim,
+            c.hidden_dims.clone(),
+            c.latent_dim,
+            c.activation.name(),
+            self.inner.seed,
+        )
+    }
+
+    /// n draws from the prior N(0, I), float32 (n, Z).
+    fn prior_samples<'py>(
+        &self,
+        py: Python<'py>,
+        n: usize,
+        seed: u64,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let z = self.inner.prior_samples(n, seed);
+        rows_to_py(py, z, n, self.inner.vae.config.latent_dim)
+    }
+}
+
+/// Number of logical cores, the default thread count.
+#[pyfunction]
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("EVAL_CHUNK", EVAL_CHUNK)?;
+    m.add("MAX_PARAMS", crate::config::MAX_PARAMS)?;
+    m.add_class::<PyModel>()?;
+    m.add_class::<PyDataset>()?;
+    m.add_class::<PyEpochRun>()?;
+    m.add_function(wrap_pyfunction!(default_threads, m)?)?;
+    m.add("FastVAEError", py.get_type::<FastVAEError>())?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("InputError", py.get_type::<InputError>())?;
+    m.add("DataError", py.get_type::<DataError>())?;
+    m.add("CheckpointError", py.get_type::<CheckpointError>())?;
+    Ok(())
+}

@@ -1,0 +1,407 @@
+//! Training and evaluation over a whole data set: shuffling, batching, the Adam step, and
+//! chunked inference, all on the model's own rayon pool.
+//!
+//! Callers drive an epoch in slices of batches (`EpochRun::run`) so that a front end can report
+//! progress and notice an interrupt between slices; the results do not depend on the slicing.
+
+use crate::config::Config;
+use crate::error::{Result, VaeError};
+use crate::model::{Vae, Workspace};
+use crate::optim::{adam_step, all_finite, AdamConfig, AdamState};
+use crate::rng::{fill_normal, permutation, stream, Purpose};
+use rayon::prelude::*;
+
+/// Rows per inference chunk; evaluation noise is keyed by chunk, so this fixes the results.
+pub const EVAL_CHUNK: usize = 1024;
+
+/// Rows of D values in [0, 1], owned by the core so work on them can run without the caller.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// (n, d) row-major.
+    pub data: Vec<f32>,
+    pub n: usize,
+    pub d: usize,
+}
+
+impl Dataset {
+    /// Checks every value is finite and in [0, 1]; the error names the first bad entry.
+    pub fn new(data: Vec<f32>, n: usize, d: usize) -> Result<Self> {
+        if n == 0 || d == 0 {
+            return Err(VaeError::Input(format!(
+                "empty input: got shape ({n}, {d}), need at least one row and one column"
+            )));
+        }
+        if data.len() != n * d {
+            return Err(VaeError::Input(format!(
+                "data length {} does not match shape ({n}, {d})",
+                data.len()
+            )));
+        }
+        let bad = data
+            .par_iter()
+            .position_first(|v| !(*v >= 0.0 && *v <= 1.0));
+        if let Some(i) = bad {
+            let v = data[i];
+            let what = if v.is_nan() {
+                "NaN".to_string()
+            } else if v.is_infinite() {
+                format!("{v}")
+            } else {
+                format!("{v}, outside [0, 1]")
+            };
+            return Err(VaeError::Input(format!(
+                "x[{}, {}] is {what}; inputs must be finite intensities in [0, 1]",
+                i / d,
+                i % d
+            )));
+        }
+        Ok(Dataset { data, n, d })
+    }
+}
+
+/// A model with everything training needs: weights, Adam state, counters and a thread pool.
+pub struct Model {
+    pub vae: Vae,
+    pub seed: u64,
+    pub adam: AdamState,
+    /// Completed epochs; keys each epoch's shuffle.
+    pub epoch: u64,
+    grads: Vec<f32>,
+    train_ws: Option<Workspace>,
+    pool: rayon::ThreadPool,
+}
+
+/// Build a pool of `threads` workers that flush subnormal floats to zero: subnormals appear as
+/// weights and gradients shrink and slow every kernel by about a fifth; flushing them changes
+/// results only below float rounding of any value that matters.
+pub fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    if threads == 0 || threads > 1024 {
+        return Err(VaeError::Config(format!(
+            "threads must be between 1 and 1024, got {threads}"
+        )));
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("fastvae-{i}"))
+        .start_handler(|_| flush_denormals())
+        .build()
+        .map_err(|e| VaeError::Config(format!("cannot start {threads} threads: {e}")))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn flush_denormals() {
+    // MXCSR bit 15 flush-to-zero, bit 6 denormals-are-zero.
+    unsafe {
+        let mut csr: u32 = 0;
+        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
+        csr |= (1 << 15) | (1 << 6);
+        std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn flush_denormals() {}
+
+/// Progress through one epoch: its shuffled order and the running loss.
+pub struct EpochRun {
+    order: Vec<u32>,
+    batch_size: usize,
+    pub next: usize,
+    pub loss_sum: f64,
+    lr: f32,
+}
+
+impl EpochRun {
+    pub fn done(&self) -> bool {
+        self.next >= self.order.len()
+    }
+    pub fn total_batches(&self) -> usize {
+        self.order.len().div_ceil(self.batch_size)
+    }
+    pub fn batches_done(&self) -> usize {
+        self.next.div_ceil(self.batch_size)
+    }
+    /// Mean per-example loss over the rows seen so far.
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.next.max(1) as f64
+    }
+}
+
+impl Model {
+    pub fn new(config: Config, seed: u64, threads: usize) -> Result<Self> {
+        let pool = build_pool(threads)?;
+        let vae = Vae::new(config, seed);
+        let len = vae.params.len();
+        Ok(Model {
+            vae,
+            seed,
+            adam: AdamState::new(len),
+            epoch: 0,
+            grads: vec![0.0; len],
+            train_ws: None,
+            pool,
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Run `f` on the model's pool.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    fn check_data(&self, data: &Dataset) -> Result<()> {
+        if data.d != self.vae.config.input_dim {
+            return Err(VaeError::Input(format!(
+                "x has {} columns but the model's input_dim is {}: expected shape (n, {})",
+                data.d, self.vae.config.input_dim, self.vae.config.input_dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// Start the next epoch: the shuffle is keyed by the seed and the epoch count.
+    pub fn begin_epoch(&self, data: &Dataset, batch_size: usize, lr: f32) -> Result<EpochRun> {
+        self.check_data(data)?;
+        if batch_size == 0 {
+            return Err(VaeError::Config("batch_size must be positive".into()));
+        }
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(VaeError::Config(format!(
+                "lr must be positive and finite, got {lr}"
+            )));
+        }
+        let order = permutation(&mut stream(self.seed, Purpose::Shuffle, self.epoch), data.n);
+        Ok(EpochRun {
+            order,
+            batch_size: batch_size.min(data.n),
+            next: 0,
+            loss_sum: 0.0,
+            lr,
+        })
+    }
+
+    /// Train on up to `max_batches` further batches of the epoch. Each step checks its loss and
+    /// gradients before moving the weights, so on divergence the model keeps its last finite
+    /// weights.
+    pub fn run(&mut self, data: &Dataset, run: &mut EpochRun, max_batches: usize) -> Result<()> {
+        self.check_data(data)?;
+        let bs = run.batch_size;
+        let cfg = &self.vae.config;
+        if self.train_ws.as_ref().is_none_or(|ws| ws.cap != bs) {
+            self.train_ws = Some(Workspace::new(cfg, bs, true));
+        }
+        let ws = self.train_ws.as_mut().expect("workspace just made");
+        let (vae, grads, adam, seed, epoch) = (
+            &mut self.vae,
+            &mut self.grads,
+            &mut self.adam,
+            self.seed,
+            self.epoch,
+        );
+        let adam_cfg = AdamConfig {
+            lr: run.lr,
+            ..AdamConfig::default()
+        };
+        self.pool.install(|| {
+            for _ in 0..max_batches {
+                if run.done() {
+                    break;
+                }
+                let end = (run.next + bs).min(run.order.len());
+                let rows = &run.order[run.next..end];
+                let n = rows.len();
+                gather(&mut ws.x[..n * data.d], data, rows);
+                let zdim = vae.config.latent_dim;
+                fill_normal(
+                    &mut stream(seed, Purpose::TrainNoise, adam.t),
+                    &mut ws.eps[..n * zdim],
+                );
+                vae.forward(ws, n);
+                let loss = vae.loss_backward(grads, ws, n);
+                let step = adam.t + 1;
+                if !loss.is_finite() {
+                    return Err(VaeError::NonFinite {
+                        epoch: epoch + 1,
+                        step,
+                        what: format!("the loss is {loss}"),
+                    });
+                }
+                if !all_finite(grads) {
+                    return Err(VaeError::NonFinite {
+                        epoch: epoch + 1,
+                        step,
+                        what: "a gradient is not finite".into(),
+                    });
+                }
+                adam_step(&mut vae.params, grads, adam, adam_cfg);
+                run.loss_sum += loss;
+                run.next = end;
+            }
+            Ok(())
+        })
+    }
+
+    /// Count a finished epoch.
+    pub fn end_epoch(&mut self, run: &EpochRun) -> f64 {
+        debug_assert!(run.done());
+        self.epoch += 1;
+        run.mean_loss()
+    }
+
+    /// Loss and gradients for one batch with the given noise, without changing the model
+    /// (for tests and checks). x (B, D), eps (B, Z).
+    pub fn loss_and_grads(&self, x: &Dataset, eps: &[f32]) -> Result<(f64, Vec<f32>)> {
+        self.check_data(x)?;
+        let zdim = self.vae.config.latent_dim;
+        if eps.len() != x.n * zdim {
+            return Err(VaeError::Input(format!(
+                "eps must have shape ({}, {zdim})",
+                x.n
+            )));
+        }
+        let mut ws = Workspace::new(&self.vae.config, x.n, true);
+        ws.x.copy_from_slice(&x.data);
+        ws.eps.copy_from_slice(eps);
+        let mut grads = vec![0.0; self.vae.params.len()];
+        let loss = self.pool.install(|| {
+            self.vae.forward(&mut ws, x.n);
+            self.vae.loss_backward(&mut grads, &mut ws, x.n)
+        });
+        Ok((loss, grads))
+    }
+
+    /// One Adam step on the given batch and noise (for tests); returns the batch loss.
+    pub fn step_with_noise(&mut self, x: &Dataset, eps: &[f32], lr: f32) -> Result<f64> {
+        let (loss, grads) = self.loss_and_grads(x, eps)?;
+        if !loss.is_finite() || !all_finite(&grads) {
+            return Err(VaeError::NonFinite {
+                epoch: self.epoch + 1,
+                step: self.adam.t + 1,
+                what: "non-finite loss or gradient".into(),
+            });
+        }
+        let cfg = AdamConfig {
+            lr,
+            ..AdamConfig::default()
+        };
+        let (params, adam) = (&mut self.vae.params, &mut self.adam);
+        self.pool.install(|| adam_step(params, &grads, adam, cfg));
+        Ok(loss)
+    }
+
+    /// Per-example ELBO (= -(BCE + KL), one z sample each) for rows [start, end) of `data`,
+    /// which must lie on EVAL_CHUNK boundaries except at the end; noise keyed by (seed, chunk).
+    pub fn elbo_rows(
+        &self,
+        data: &Dataset,
+        start: usize,
+        end: usize,
+        seed: u64,
+        out: &mut [f64],
+    ) -> Result<()> {
+        self.check_data(data)?;
+        debug_assert!(
+            start.is_multiple_of(EVAL_CHUNK) && end <= data.n && out.len() == end - start
+        );
+        let cap = EVAL_CHUNK.min(end - start).max(1);
+        let mut ws = Workspace::new(&self.vae.config, cap, false);
+        let (d, zdim) = (data.d, self.vae.config.latent_dim);
+        self.pool.install(|| {
+            for (c, lo) in (start..end).step_by(EVAL_CHUNK).enumerate() {
+                let n = (end - lo).min(EVAL_CHUNK);
+                ws.x[..n * d].copy_from_slice(&data.data[lo * d..(lo + n) * d]);
+                let chunk = (start / EVAL_CHUNK + c) as u64;
+                fill_normal(
+                    &mut stream(seed, Purpose::EvalNoise, chunk),
+                    &mut ws.eps[..n * zdim],
+                );
+                self.vae.forward(&mut ws, n);
+                self.vae.reconstruction_loss(&mut ws, n, false);
+                let o = &mut out[lo - start..lo - start + n];
+                for (r, v) in o.iter_mut().enumerate() {
+                    *v = -(ws.bce[r] + ws.kl[r]);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// mu and logvar (each (n, Z)) of q(z|x) for every row.
+    pub fn encode(&self, data: &Dataset) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_data(data)?;
+        let (d, zdim) = (data.d, self.vae.config.latent_dim);
+        let mut mu = vec![0.0; data.n * zdim];
+        let mut logvar = vec![0.0; data.n * zdim];
+        let mut ws = Workspace::new(&self.vae.config, EVAL_CHUNK.min(data.n), false);
+        self.pool.install(|| {
+            for lo in (0..data.n).step_by(EVAL_CHUNK) {
+                let n = (data.n - lo).min(EVAL_CHUNK);
+                ws.x[..n * d].copy_from_slice(&data.data[lo * d..(lo + n) * d]);
+                self.vae.encode_forward(&mut ws, n);
+                for r in 0..n {
+                    let h = &ws.head[r * 2 * zdim..(r + 1) * 2 * zdim];
+                    mu[(lo + r) * zdim..(lo + r + 1) * zdim].copy_from_slice(&h[..zdim]);
+                    logvar[(lo + r) * zdim..(lo + r + 1) * zdim].copy_from_slice(&h[zdim..]);
+                }
+            }
+        });
+        Ok((mu, logvar))
+    }
+
+    /// Bernoulli means sigmoid(logits) (n, D) of p(x|z) for latent rows z (n, Z).
+    pub fn decode(&self, z: &[f32]) -> Result<Vec<f32>> {
+        let (d, zdim) = (self.vae.config.input_dim, self.vae.config.latent_dim);
+        if !z.len().is_multiple_of(zdim) || z.is_empty() {
+            return Err(VaeError::Input(format!(
+                "z must have shape (n, {zdim}) with n >= 1"
+            )));
+        }
+        if let Some(i) = z.iter().position(|v| !v.is_finite()) {
+            return Err(VaeError::Input(format!(
+                "z[{}, {}] is {}; latent codes must be finite",
+                i / zdim,
+                i % zdim,
+                z[i]
+            )));
+        }
+        let n_all = z.len() / zdim;
+        let mut out = vec![0.0; n_all * d];
+        let mut ws = Workspace::new(&self.vae.config, EVAL_CHUNK.min(n_all), false);
+        self.pool.install(|| {
+            for lo in (0..n_all).step_by(EVAL_CHUNK) {
+                let n = (n_all - lo).min(EVAL_CHUNK);
+                ws.z[..n * zdim].copy_from_slice(&z[lo * zdim..(lo + n) * zdim]);
+                self.vae.decode_forward(&mut ws, n);
+                let logits = ws.dec.last().expect("decoder output");
+                out[lo * d..(lo + n) * d]
+                    .par_iter_mut()
+                    .zip(&logits[..n * d])
+                    .for_each(|(p, &l)| *p = 1.0 / (1.0 + (-l).exp()));
+            }
+        });
+        Ok(out)
+    }
+
+    /// n draws z ~ N(0, I) (n, Z), keyed by seed.
+    pub fn prior_samples(&self, n: usize, seed: u64) -> Vec<f32> {
+        let mut z = vec![0.0; n * self.vae.config.latent_dim];
+        fill_normal(&mut stream(seed, Purpose::Prior, 0), &mut z);
+        z
+    }
+}
+
+/// x (B, D) = the data rows named by `rows`.
+fn gather(x: &mut [f32], data: &Dataset, rows: &[u32]) {
+    let d = data.d;
+    x.par_chunks_mut(d * 16)
+        .zip(rows.par_chunks(16))
+        .for_each(|(dst, idx)| {
+            for (row, &i) in dst.chunks_exact_mut(d).zip(idx) {
+                let i = i as usize;
+                row.copy_from_slice(&data.data[i * d..(i + 1) * d]);
+            }
+        });
+}
