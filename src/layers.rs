@@ -12,6 +12,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use crate::config::Activation;
+use crate::simd::{dispatch, exp_nonpositive, log1p_unit, LANES};
 use rayon::prelude::*;
 
 /// A strided matrix: element (i, j) at `ptr + i*rs + j*cs`.
@@ -328,25 +329,50 @@ pub fn bce_logits_forward_backward(
     logits
         .par_chunks_mut(chunk * d)
         .zip(row_loss.par_chunks_mut(chunk))
-        .enumerate()
-        .for_each(|(c, (rows, losses))| {
-            for (r, (row, loss)) in rows.chunks_exact_mut(d).zip(losses).enumerate() {
-                let xr = &x[(c * chunk + r) * d..(c * chunk + r + 1) * d];
-                let mut acc = 0.0f32;
-                for (l, &t) in row.iter_mut().zip(xr) {
-                    let v = *l;
-                    let e = (-v.abs()).exp();
-                    acc += v.max(0.0) - v * t + e.ln_1p();
-                    if grad {
-                        let inv = 1.0 / (1.0 + e);
-                        let sig = if v >= 0.0 { inv } else { e * inv };
-                        *l = sig - t;
-                    }
-                }
-                *loss = acc as f64;
+        .zip(x[..b * d].par_chunks(chunk * d))
+        .for_each(|((rows, losses), xs)| {
+            for ((row, loss), xr) in rows.chunks_exact_mut(d).zip(losses).zip(xs.chunks_exact(d)) {
+                *loss = if grad {
+                    bce_row_grad(row, xr)
+                } else {
+                    bce_row(row, xr)
+                } as f64;
             }
         });
 }
+
+/// One row's BCE sum; with GRAD, the logits become sigmoid(l) - x. Partial sums run in
+/// `LANES` fixed lanes so the compiler can vectorize them.
+#[inline(always)]
+fn bce_row_generic<const GRAD: bool>(row: &mut [f32], x: &[f32]) -> f32 {
+    #[inline(always)]
+    fn one<const GRAD: bool>(l: &mut f32, t: f32) -> f32 {
+        let v = *l;
+        let e = exp_nonpositive(-v.abs());
+        if GRAD {
+            let inv = 1.0 / (1.0 + e);
+            let sig = if v >= 0.0 { inv } else { e * inv };
+            *l = sig - t;
+        }
+        v.max(0.0) - v * t + log1p_unit(e)
+    }
+    let mut acc = [0.0f32; LANES];
+    let mut rows = row.chunks_exact_mut(LANES);
+    let mut xs = x.chunks_exact(LANES);
+    for (lc, xc) in (&mut rows).zip(&mut xs) {
+        for k in 0..LANES {
+            acc[k] += one::<GRAD>(&mut lc[k], xc[k]);
+        }
+    }
+    let mut tail = 0.0f32;
+    for (l, &t) in rows.into_remainder().iter_mut().zip(xs.remainder()) {
+        tail += one::<GRAD>(l, t);
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+dispatch!(fn bce_row_grad(row: &mut [f32], x: &[f32]) -> f32 = bce_row_generic::<true>);
+dispatch!(fn bce_row(row: &mut [f32], x: &[f32]) -> f32 = bce_row_generic::<false>);
 
 /// Reparameterization and the Gaussian KL (Kingma & Welling, appendix B):
 /// z = mu + exp(logvar / 2) eps and KL(N(mu, sigma^2) || N(0, I)) =

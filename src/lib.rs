@@ -12,6 +12,7 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod rng;
+pub mod simd;
 pub mod train;
 
 #[cfg(feature = "python")]

@@ -9,6 +9,7 @@ use crate::layers::{
     activation_backward, bce_logits_forward_backward, linear_backward, linear_forward,
     reparam_kl_backward, reparam_kl_forward,
 };
+use crate::optim::{adam_update, all_finite, AdamConfig};
 use crate::params::{Layout, LinearLayout};
 
 /// Architecture and weights; no optimizer state.
@@ -181,20 +182,55 @@ impl Vae {
 
     /// After `forward`: the loss summed over the n rows, and its gradient with respect to
     /// every parameter written into `grads` (laid out as the parameters).
-    pub fn loss_backward(&self, grads: &mut [f32], ws: &mut Workspace, n: usize) -> f64 {
+    ///
+    /// With `update`, each layer takes its Adam step as soon as its gradient is complete (the
+    /// layer's weights are no longer needed by the rest of the backward pass, and the gradient
+    /// is still in cache). Then a non-finite loss stops the step before any weight moves, and
+    /// a non-finite gradient stops it before that layer moves; the error names what was not
+    /// finite.
+    pub fn loss_backward(
+        &mut self,
+        grads: &mut [f32],
+        ws: &mut Workspace,
+        n: usize,
+        mut update: Option<AdamUpdate<'_>>,
+    ) -> Result<f64, String> {
         debug_assert_eq!(grads.len(), self.params.len());
         self.reconstruction_loss(ws, n, true);
         let loss = ws.bce[..n].iter().sum::<f64>() + ws.kl[..n].iter().sum::<f64>();
-        let p = &self.params;
+        if update.is_some() && !loss.is_finite() {
+            return Err(format!("the loss is {loss}"));
+        }
         let act = self.act();
+        let layout = &self.layout;
+        let params = &mut self.params;
+        // Apply Adam to one layer's range once its gradient is final.
+        let mut step =
+            |l: &LinearLayout, params: &mut [f32], grads: &[f32]| -> Result<(), String> {
+                if let Some(u) = update.as_mut() {
+                    let r = l.weight.start..l.bias.end;
+                    if !all_finite(&grads[r.clone()]) {
+                        return Err("a gradient is not finite".into());
+                    }
+                    adam_update(
+                        &mut params[r.clone()],
+                        &grads[r.clone()],
+                        &mut u.m[r.clone()],
+                        &mut u.v[r],
+                        u.t,
+                        u.cfg,
+                    );
+                }
+                Ok(())
+            };
 
         // Decoder, last layer first. dout of layer j is the logits' gradient for the last
         // layer and ddec[j] (made pre-activation) for the others.
-        let dec_layers = &self.layout.decoder;
+        let dec_layers = &layout.decoder;
         for j in (0..dec_layers.len()).rev() {
             let l = &dec_layers[j];
             let (dw, db) = weight_grads(grads, l);
-            let (w, _) = weights(p, l);
+            let (w, _) = weights(params, l);
             let (dec_before, dec_from_j) = ws.dec.split_at_mut(j);
             let (ddec_before, ddec_from_j) = ws.ddec.split_at_mut(j);
             let dout: &[f32] = if j + 1 == dec_layers.len() {
@@ -213,6 +249,7 @@ impl Vae {
                 )
             };
             linear_backward(Some(dinp), dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
+            step(l, params, grads)?;
         }
 
         let z = self.config.latent_dim;
@@ -226,12 +263,12 @@ impl Vae {
 
         // Head, then the encoder from its last layer; the first layer's input gradient is
         // never needed.
-        let enc_layers = &self.layout.encoder;
+        let enc_layers = &layout.encoder;
         let d_in = self.config.input_dim;
-        let h = &self.layout.head;
+        let h = &layout.head;
         {
             let (dw, db) = weight_grads(grads, h);
-            let (w, _) = weights(p, h);
+            let (w, _) = weights(params, h);
             let (inp, dinp): (&[f32], Option<&mut [f32]>) = match enc_layers.len() {
                 0 => (&ws.x[..n * d_in], None),
                 k => (
@@ -241,11 +278,12 @@ impl Vae {
             };
             let dout = &ws.dhead[..n * h.out_dim];
             linear_backward(dinp, dw, db, dout, inp, w, n, h.in_dim, h.out_dim);
+            step(h, params, grads)?;
         }
         for i in (0..enc_layers.len()).rev() {
             let l = &enc_layers[i];
             let (dw, db) = weight_grads(grads, l);
-            let (w, _) = weights(p, l);
+            let (w, _) = weights(params, l);
             let (denc_before, denc_from_i) = ws.denc.split_at_mut(i);
             let dout = &mut denc_from_i[0][..n * l.out_dim];
             activation_backward(dout, &ws.enc[i][..n * l.out_dim], l.out_dim, act);
@@ -258,7 +296,16 @@ impl Vae {
                 )
             };
             linear_backward(dinp, dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
+            step(l, params, grads)?;
         }
-        loss
+        Ok(loss)
     }
+}
+
+/// Adam's moments and settings for the step being taken (t already advanced).
+pub struct AdamUpdate<'a> {
+    pub m: &'a mut [f32],
+    pub v: &'a mut [f32],
+    pub t: u64,
+    pub cfg: AdamConfig,
 }

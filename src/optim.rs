@@ -2,15 +2,18 @@
 //! bias correction arranged as torch.optim.Adam does:
 //! p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
 
+use crate::simd::dispatch;
 use rayon::prelude::*;
 
 /// Adam's hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
+/// Kept in f64, as torch keeps them in Python floats: 1 - beta2 from a float32 beta2 would be
+/// 1.3e-5 off 0.001.
 pub struct AdamConfig {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
 }
 
 impl Default for AdamConfig {
@@ -45,37 +48,91 @@ impl AdamState {
 /// Elements per parallel task: large enough that scheduling is noise next to the work.
 const CHUNK: usize = 1 << 14;
 
-/// One Adam step over all parameters: advances t, updates m and v, moves params.
+/// One Adam step over all parameters: advances t, then `adam_update` on everything.
 pub fn adam_step(params: &mut [f32], grads: &[f32], state: &mut AdamState, cfg: AdamConfig) {
     state.t += 1;
-    let t = state.t as i32;
-    let bc1 = 1.0 - (cfg.beta1 as f64).powi(t);
-    let bc2 = 1.0 - (cfg.beta2 as f64).powi(t);
-    let step_size = (cfg.lr as f64 / bc1) as f32;
-    let inv_bc2_sqrt = (1.0 / bc2.sqrt()) as f32;
-    let (b1, b2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
+    adam_update(params, grads, &mut state.m, &mut state.v, state.t, cfg);
+}
+
+/// The Adam update at step t (>= 1) of one range of parameters with their gradients and
+/// moments, in parallel; the training step calls it per layer while that layer's gradient is
+/// still in cache.
+pub fn adam_update(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    t: u64,
+    cfg: AdamConfig,
+) {
+    debug_assert!(t >= 1);
+    let t = t.min(i32::MAX as u64) as i32;
+    let bc1 = 1.0 - cfg.beta1.powi(t);
+    let bc2 = 1.0 - cfg.beta2.powi(t);
+    let k = AdamKernel {
+        b1: cfg.beta1 as f32,
+        b2: cfg.beta2 as f32,
+        one_minus_b1: (1.0 - cfg.beta1) as f32,
+        one_minus_b2: (1.0 - cfg.beta2) as f32,
+        eps: cfg.eps as f32,
+        step_size: (cfg.lr / bc1) as f32,
+        inv_bc2_sqrt: (1.0 / bc2.sqrt()) as f32,
+    };
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
-        .zip(state.m.par_chunks_mut(CHUNK))
-        .zip(state.v.par_chunks_mut(CHUNK))
-        .for_each(|(((p, g), m), v)| {
-            for i in 0..p.len() {
-                let gi = g[i];
-                m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                p[i] -= step_size * m[i] / (v[i].sqrt() * inv_bc2_sqrt + eps);
-            }
-        });
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| adam_chunk(p, g, m, v, k));
 }
+
+#[derive(Clone, Copy)]
+struct AdamKernel {
+    b1: f32,
+    b2: f32,
+    one_minus_b1: f32,
+    one_minus_b2: f32,
+    eps: f32,
+    step_size: f32,
+    inv_bc2_sqrt: f32,
+}
+
+#[inline(always)]
+fn adam_chunk_generic(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: AdamKernel) {
+    let n = p.len().min(g.len()).min(m.len()).min(v.len());
+    let (p, g, m, v) = (&mut p[..n], &g[..n], &mut m[..n], &mut v[..n]);
+    for i in 0..n {
+        let gi = g[i];
+        let mi = k.b1 * m[i] + k.one_minus_b1 * gi;
+        let vi = k.b2 * v[i] + k.one_minus_b2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= k.step_size * mi / (vi.sqrt() * k.inv_bc2_sqrt + k.eps);
+    }
+}
+
+dispatch!(fn adam_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: AdamKernel) -> () = adam_chunk_generic);
 
 /// True when every value is finite; checked before a step is applied so a diverging run
 /// keeps its last finite weights.
 pub fn all_finite(values: &[f32]) -> bool {
-    values
-        .par_chunks(CHUNK)
-        .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
+    values.par_chunks(CHUNK).all(chunk_finite)
 }
+
+#[inline(always)]
+fn chunk_finite_generic(values: &[f32]) -> bool {
+    // Lane-wise AND over |v| <= MAX (false for NaN and inf), so it vectorizes.
+    let mut ok = [true; 16];
+    let mut chunks = values.chunks_exact(16);
+    for c in &mut chunks {
+        for k in 0..16 {
+            ok[k] &= c[k].abs() <= f32::MAX;
+        }
+    }
+    ok.iter().all(|&o| o) && chunks.remainder().iter().all(|v| v.is_finite())
+}
+
+dispatch!(fn chunk_finite(values: &[f32]) -> bool = chunk_finite_generic);
 
 #[cfg(test)]
 mod tests {

@@ -295,7 +295,7 @@ impl PyModel {
         &self,
         data: &Bound<'_, PyDataset>,
         batch_size: usize,
-        lr: f32,
+        lr: f64,
     ) -> PyResult<PyEpochRun> {
         let inner = self
             .inner
@@ -351,14 +351,14 @@ impl PyModel {
 
     /// Loss and gradients (weight-named dict) for x with the given noise eps (B, Z).
     fn loss_and_grads<'py>(
-        &self,
+        &mut self,
         py: Python<'py>,
         x: &Bound<'py, PyDataset>,
         eps: &Bound<'py, PyAny>,
     ) -> PyResult<(f64, Bound<'py, PyDict>)> {
         let (eps, _, _) = copy_rows(eps, "eps")?;
         let x = &x.get().inner;
-        let model = &self.inner;
+        let model = &mut self.inner;
         let (loss, grads) = py.detach(|| model.loss_and_grads(x, &eps)).map_err(to_py)?;
         Ok((
             loss,
@@ -372,7 +372,7 @@ impl PyModel {
         py: Python<'_>,
         x: &Bound<'_, PyDataset>,
         eps: &Bound<'_, PyAny>,
-        lr: f32,
+        lr: f64,
     ) -> PyResult<f64> {
         let (eps, _, _) = copy_rows(eps, "eps")?;
         let x = &x.get().inner;

@@ -6,8 +6,8 @@
 
 use crate::config::Config;
 use crate::error::{Result, VaeError};
-use crate::model::{Vae, Workspace};
-use crate::optim::{adam_step, all_finite, AdamConfig, AdamState};
+use crate::model::{AdamUpdate, Vae, Workspace};
+use crate::optim::{AdamConfig, AdamState};
 use crate::rng::{fill_normal, permutation, stream, Purpose};
 use rayon::prelude::*;
 
@@ -108,7 +108,7 @@ pub struct EpochRun {
     batch_size: usize,
     pub next: usize,
     pub loss_sum: f64,
-    lr: f32,
+    lr: f64,
 }
 
 impl EpochRun {
@@ -163,7 +163,7 @@ impl Model {
     }
 
     /// Start the next epoch: the shuffle is keyed by the seed and the epoch count.
-    pub fn begin_epoch(&self, data: &Dataset, batch_size: usize, lr: f32) -> Result<EpochRun> {
+    pub fn begin_epoch(&self, data: &Dataset, batch_size: usize, lr: f64) -> Result<EpochRun> {
         self.check_data(data)?;
         if batch_size == 0 {
             return Err(VaeError::Config("batch_size must be positive".into()));
@@ -219,24 +219,7 @@ impl Model {
                     &mut stream(seed, Purpose::TrainNoise, adam.t),
                     &mut ws.eps[..n * zdim],
                 );
-                vae.forward(ws, n);
-                let loss = vae.loss_backward(grads, ws, n);
-                let step = adam.t + 1;
-                if !loss.is_finite() {
-                    return Err(VaeError::NonFinite {
-                        epoch: epoch + 1,
-                        step,
-                        what: format!("the loss is {loss}"),
-                    });
-                }
-                if !all_finite(grads) {
-                    return Err(VaeError::NonFinite {
-                        epoch: epoch + 1,
-                        step,
-                        what: "a gradient is not finite".into(),
-                    });
-                }
-                adam_step(&mut vae.params, grads, adam, adam_cfg);
+                let loss = train_step(vae, grads, adam, ws, n, adam_cfg, epoch)?;
                 run.loss_sum += loss;
                 run.next = end;
             }
@@ -253,7 +236,7 @@ impl Model {
 
     /// Loss and gradients for one batch with the given noise, without changing the model
     /// (for tests and checks). x (B, D), eps (B, Z).
-    pub fn loss_and_grads(&self, x: &Dataset, eps: &[f32]) -> Result<(f64, Vec<f32>)> {
+    pub fn loss_and_grads(&mut self, x: &Dataset, eps: &[f32]) -> Result<(f64, Vec<f32>)> {
         self.check_data(x)?;
         let zdim = self.vae.config.latent_dim;
         if eps.len() != x.n * zdim {
@@ -266,30 +249,41 @@ impl Model {
         ws.x.copy_from_slice(&x.data);
         ws.eps.copy_from_slice(eps);
         let mut grads = vec![0.0; self.vae.params.len()];
+        let vae = &mut self.vae;
         let loss = self.pool.install(|| {
-            self.vae.forward(&mut ws, x.n);
-            self.vae.loss_backward(&mut grads, &mut ws, x.n)
+            vae.forward(&mut ws, x.n);
+            vae.loss_backward(&mut grads, &mut ws, x.n, None)
         });
-        Ok((loss, grads))
+        Ok((loss.expect("only an update checks finiteness"), grads))
     }
 
-    /// One Adam step on the given batch and noise (for tests); returns the batch loss.
-    pub fn step_with_noise(&mut self, x: &Dataset, eps: &[f32], lr: f32) -> Result<f64> {
-        let (loss, grads) = self.loss_and_grads(x, eps)?;
-        if !loss.is_finite() || !all_finite(&grads) {
-            return Err(VaeError::NonFinite {
-                epoch: self.epoch + 1,
-                step: self.adam.t + 1,
-                what: "non-finite loss or gradient".into(),
-            });
+    /// One training step on the given batch and noise, exactly as `run` takes it (for tests);
+    /// returns the batch loss.
+    pub fn step_with_noise(&mut self, x: &Dataset, eps: &[f32], lr: f64) -> Result<f64> {
+        self.check_data(x)?;
+        let zdim = self.vae.config.latent_dim;
+        if eps.len() != x.n * zdim {
+            return Err(VaeError::Input(format!(
+                "eps must have shape ({}, {zdim})",
+                x.n
+            )));
         }
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(VaeError::Config(format!(
+                "lr must be positive and finite, got {lr}"
+            )));
+        }
+        let mut ws = Workspace::new(&self.vae.config, x.n, true);
+        ws.x.copy_from_slice(&x.data);
+        ws.eps.copy_from_slice(eps);
         let cfg = AdamConfig {
             lr,
             ..AdamConfig::default()
         };
-        let (params, adam) = (&mut self.vae.params, &mut self.adam);
-        self.pool.install(|| adam_step(params, &grads, adam, cfg));
-        Ok(loss)
+        let (vae, grads, adam, epoch) =
+            (&mut self.vae, &mut self.grads, &mut self.adam, self.epoch);
+        self.pool
+            .install(|| train_step(vae, grads, adam, &mut ws, x.n, cfg, epoch))
     }
 
     /// Per-example ELBO (= -(BCE + KL), one z sample each) for rows [start, end) of `data`,
@@ -391,6 +385,36 @@ impl Model {
         fill_normal(&mut stream(seed, Purpose::Prior, 0), &mut z);
         z
     }
+}
+
+/// One step on the batch in ws.x with the noise in ws.eps: forward, backward and Adam fused
+/// per layer. On a non-finite loss no weight moves; the error names the epoch and step.
+fn train_step(
+    vae: &mut Vae,
+    grads: &mut [f32],
+    adam: &mut AdamState,
+    ws: &mut Workspace,
+    n: usize,
+    cfg: AdamConfig,
+    epoch: u64,
+) -> Result<f64> {
+    vae.forward(ws, n);
+    let step = adam.t + 1;
+    let update = AdamUpdate {
+        m: &mut adam.m,
+        v: &mut adam.v,
+        t: step,
+        cfg,
+    };
+    let loss = vae
+        .loss_backward(grads, ws, n, Some(update))
+        .map_err(|what| VaeError::NonFinite {
+            epoch: epoch + 1,
+            step,
+            what,
+        })?;
+    adam.t = step;
+    Ok(loss)
 }
 
 /// x (B, D) = the data rows named by `rows`.
