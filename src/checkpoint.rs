@@ -68,11 +68,11 @@ pub fn to_bytes(
         named.push((
             t.name.clone(),
             t.shape.clone(),
-            le_bytes(&vae.params[t.range.clone()]),
+            le_bytes(&t.export(&vae.params)),
         ));
         if include_optimizer {
-            let m = le_bytes(&model.adam.m[t.range.clone()]);
-            let v = le_bytes(&model.adam.v[t.range.clone()]);
+            let m = le_bytes(&t.export(&model.adam.m));
+            let v = le_bytes(&t.export(&model.adam.v));
             named.push((format!("adam.m.{}", t.name), t.shape.clone(), m));
             named.push((format!("adam.v.{}", t.name), t.shape.clone(), v));
         }
@@ -260,15 +260,15 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
     let mut params = vec![0.0f32; layout.len];
     let mut adam = has_optimizer.then(|| AdamState::new(layout.len));
     for t in &specs {
-        params[t.range.clone()].copy_from_slice(&read_tensor(&st, &t.name, &t.shape)?);
+        t.import(&read_tensor(&st, &t.name, &t.shape)?, &mut params);
         if let Some(a) = adam.as_mut() {
             let m = read_tensor(&st, &format!("adam.m.{}", t.name), &t.shape)?;
             let v = read_tensor(&st, &format!("adam.v.{}", t.name), &t.shape)?;
             if v.iter().any(|&x| x < 0.0) {
                 return Err(bad(format!("adam.v.{} holds a negative value", t.name)));
             }
-            a.m[t.range.clone()].copy_from_slice(&m);
-            a.v[t.range.clone()].copy_from_slice(&v);
+            t.import(&m, &mut a.m);
+            t.import(&v, &mut a.v);
         }
     }
     if let Some(a) = adam.as_mut() {

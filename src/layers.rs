@@ -49,6 +49,8 @@ impl Mat {
 
 /// Smallest part of an output dimension worth giving to its own thread.
 const MIN_SPLIT: usize = 32;
+/// Products below this many multiply-adds run on one thread: splitting costs more than it saves.
+const MIN_PARALLEL_MACS: usize = 1 << 21;
 
 /// dst (m, n) = a (m, k) b (k, n), split over `parts` threads along the larger output dim.
 fn matmul_split(dst: Mat, a: Mat, b: Mat, parts: usize) {
@@ -157,7 +159,12 @@ pub fn matmul(
         dst.fill(0.0);
         return;
     }
-    matmul_split(d, a, b, rayon::current_num_threads());
+    let parts = if m * n * k < MIN_PARALLEL_MACS {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    matmul_split(d, a, b, parts);
 }
 
 /// Reference product for tests: f64 accumulation, no blocking.

@@ -7,12 +7,14 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod layers;
 pub mod model;
 pub mod optim;
 pub mod params;
 pub mod rng;
 pub mod simd;
+pub mod sparse;
 pub mod train;
 
 #[cfg(feature = "python")]

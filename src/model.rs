@@ -6,11 +6,12 @@
 
 use crate::config::{Activation, Config};
 use crate::layers::{
-    activation_backward, bce_logits_forward_backward, linear_backward, linear_forward,
-    reparam_kl_backward, reparam_kl_forward,
+    activation_backward, bce_logits_forward_backward, bias_backward, linear_backward,
+    linear_forward, reparam_kl_backward, reparam_kl_forward,
 };
-use crate::optim::{adam_update, all_finite, AdamConfig};
+use crate::optim::{adam_update_finite, AdamConfig};
 use crate::params::{Layout, LinearLayout};
+use crate::sparse::{first_layer_forward, first_layer_weight_backward, BandColumns, SparseBatch};
 
 /// Architecture and weights; no optimizer state.
 #[derive(Debug, Clone)]
@@ -47,6 +48,8 @@ pub struct Workspace {
     pub dhead: Vec<f32>,
     pub dz: Vec<f32>,
     pub ddec: Vec<Vec<f32>>,
+    /// The batch regrouped by pixel for the sparse first layer's weight gradient.
+    pub columns: Vec<BandColumns>,
 }
 
 impl Workspace {
@@ -70,6 +73,7 @@ impl Workspace {
             kl: vec![0.0; cap],
             dhead: grad(2 * z),
             dz: grad(z),
+            columns: Vec::new(),
         }
     }
 }
@@ -98,13 +102,19 @@ impl Vae {
     }
 
     /// ws.x[..n] -> ws.head[..n] = [mu | logvar].
-    pub fn encode_forward(&self, ws: &mut Workspace, n: usize) {
+    /// With `sparse` (the batch's rows in a sparse data set), the first layer skips zero
+    /// inputs.
+    pub fn encode_forward(&self, ws: &mut Workspace, n: usize, sparse: Option<SparseBatch<'_>>) {
         let p = &self.params;
         let mut inp: &[f32] = &ws.x[..n * self.config.input_dim];
         for (l, out) in self.layout.encoder.iter().zip(ws.enc.iter_mut()) {
             let (w, b) = weights(p, l);
             let out = &mut out[..n * l.out_dim];
-            linear_forward(out, inp, w, b, n, l.in_dim, l.out_dim, Some(self.act()));
+            if l.transposed {
+                first_layer_forward(out, inp, sparse, w, b, n, l.in_dim, l.out_dim, self.act());
+            } else {
+                linear_forward(out, inp, w, b, n, l.in_dim, l.out_dim, Some(self.act()));
+            }
             inp = out;
         }
         let h = &self.layout.head;
@@ -161,8 +171,8 @@ impl Vae {
     }
 
     /// Full forward pass for n rows given ws.x and ws.eps; leaves logits in ws.dec.last().
-    pub fn forward(&self, ws: &mut Workspace, n: usize) {
-        self.encode_forward(ws, n);
+    pub fn forward(&self, ws: &mut Workspace, n: usize, sparse: Option<SparseBatch<'_>>) {
+        self.encode_forward(ws, n, sparse);
         self.reparameterize(ws, n);
         self.decode_forward(ws, n);
     }
@@ -193,13 +203,16 @@ impl Vae {
         grads: &mut [f32],
         ws: &mut Workspace,
         n: usize,
+        sparse: Option<SparseBatch<'_>>,
         mut update: Option<AdamUpdate<'_>>,
     ) -> Result<f64, String> {
         debug_assert_eq!(grads.len(), self.params.len());
         self.reconstruction_loss(ws, n, true);
         let loss = ws.bce[..n].iter().sum::<f64>() + ws.kl[..n].iter().sum::<f64>();
         if update.is_some() && !loss.is_finite() {
-            return Err(format!("the loss is {loss}"));
+            return Err(format!(
+                "the loss is {loss}; the weights are those of the last finite step"
+            ));
         }
         let act = self.act();
         let layout = &self.layout;
@@ -209,10 +222,7 @@ impl Vae {
             |l: &LinearLayout, params: &mut [f32], grads: &[f32]| -> Result<(), String> {
                 if let Some(u) = update.as_mut() {
                     let r = l.weight.start..l.bias.end;
-                    if !all_finite(&grads[r.clone()]) {
-                        return Err("a gradient is not finite".into());
-                    }
-                    adam_update(
+                    let finite = adam_update_finite(
                         &mut params[r.clone()],
                         &grads[r.clone()],
                         &mut u.m[r.clone()],
@@ -220,6 +230,11 @@ impl Vae {
                         u.t,
                         u.cfg,
                     );
+                    if !finite {
+                        return Err("a gradient is not finite (the step stopped part way; \
+                                    the weights stay finite)"
+                            .into());
+                    }
                 }
                 Ok(())
             };
@@ -287,15 +302,23 @@ impl Vae {
             let (denc_before, denc_from_i) = ws.denc.split_at_mut(i);
             let dout = &mut denc_from_i[0][..n * l.out_dim];
             activation_backward(dout, &ws.enc[i][..n * l.out_dim], l.out_dim, act);
-            let (inp, dinp): (&[f32], Option<&mut [f32]>) = if i == 0 {
-                (&ws.x[..n * d_in], None)
+            if l.transposed {
+                // The first layer: no input gradient, weight stored (I, O).
+                let x = &ws.x[..n * d_in];
+                let scratch = &mut ws.columns;
+                first_layer_weight_backward(dw, x, sparse, scratch, dout, n, l.in_dim, l.out_dim);
+                bias_backward(db, dout, n, l.out_dim);
             } else {
-                (
-                    &ws.enc[i - 1][..n * l.in_dim],
-                    Some(&mut denc_before[i - 1][..n * l.in_dim]),
-                )
-            };
-            linear_backward(dinp, dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
+                let (inp, dinp): (&[f32], Option<&mut [f32]>) = if i == 0 {
+                    (&ws.x[..n * d_in], None)
+                } else {
+                    (
+                        &ws.enc[i - 1][..n * l.in_dim],
+                        Some(&mut denc_before[i - 1][..n * l.in_dim]),
+                    )
+                };
+                linear_backward(dinp, dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
+            }
             step(l, params, grads)?;
         }
         Ok(loss)

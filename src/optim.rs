@@ -65,25 +65,58 @@ pub fn adam_update(
     t: u64,
     cfg: AdamConfig,
 ) {
-    debug_assert!(t >= 1);
-    let t = t.min(i32::MAX as u64) as i32;
-    let bc1 = 1.0 - cfg.beta1.powi(t);
-    let bc2 = 1.0 - cfg.beta2.powi(t);
-    let k = AdamKernel {
-        b1: cfg.beta1 as f32,
-        b2: cfg.beta2 as f32,
-        one_minus_b1: (1.0 - cfg.beta1) as f32,
-        one_minus_b2: (1.0 - cfg.beta2) as f32,
-        eps: cfg.eps as f32,
-        step_size: (cfg.lr / bc1) as f32,
-        inv_bc2_sqrt: (1.0 / bc2.sqrt()) as f32,
-    };
+    let k = AdamKernel::new(t, cfg);
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
         .for_each(|(((p, g), m), v)| adam_chunk(p, g, m, v, k));
+}
+
+/// `adam_update`, except that a chunk whose gradient holds a NaN or infinity is left as it
+/// is; returns false if any was. Each chunk is checked just before its update, while it is
+/// in cache.
+pub fn adam_update_finite(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    t: u64,
+    cfg: AdamConfig,
+) -> bool {
+    let k = AdamKernel::new(t, cfg);
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(grads.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .map(|(((p, g), m), v)| {
+            let ok = chunk_finite(g);
+            if ok {
+                adam_chunk(p, g, m, v, k);
+            }
+            ok
+        })
+        .reduce(|| true, |a, b| a & b)
+}
+
+impl AdamKernel {
+    fn new(t: u64, cfg: AdamConfig) -> Self {
+        debug_assert!(t >= 1);
+        let t = t.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - cfg.beta1.powi(t);
+        let bc2 = 1.0 - cfg.beta2.powi(t);
+        AdamKernel {
+            b1: cfg.beta1 as f32,
+            b2: cfg.beta2 as f32,
+            one_minus_b1: (1.0 - cfg.beta1) as f32,
+            one_minus_b2: (1.0 - cfg.beta2) as f32,
+            eps: cfg.eps as f32,
+            step_size: (cfg.lr / bc1) as f32,
+            inv_bc2_sqrt: (1.0 / bc2.sqrt()) as f32,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]

@@ -10,24 +10,62 @@ use crate::rng::{stream, Purpose};
 use rand::RngExt;
 use std::ops::Range;
 
-/// One linear layer y = x W^T + b: W at `weight` (out_dim, in_dim), b at `bias` (out_dim).
+/// One linear layer y = x W^T + b: W at `weight` (out_dim, in_dim), or (in_dim, out_dim) when
+/// `transposed`, b at `bias` (out_dim).
 #[derive(Debug, Clone)]
 pub struct LinearLayout {
     pub in_dim: usize,
     pub out_dim: usize,
     pub weight: Range<usize>,
     pub bias: Range<usize>,
+    pub transposed: bool,
 }
 
-/// A named tensor as the equivalent PyTorch module's state_dict would hold it.
+/// A named tensor as the equivalent PyTorch module's state_dict would hold it. When
+/// `transposed`, the buffer holds the (shape[1], shape[0]) transpose.
 #[derive(Debug, Clone)]
 pub struct TensorSpec {
     pub name: String,
     pub shape: Vec<usize>,
     pub range: Range<usize>,
+    pub transposed: bool,
 }
 
-/// Offsets of every layer in the flat parameter buffer.
+impl TensorSpec {
+    /// The tensor's values in PyTorch's row-major order, from the flat buffer.
+    pub fn export(&self, flat: &[f32]) -> Vec<f32> {
+        let src = &flat[self.range.clone()];
+        if !self.transposed {
+            return src.to_vec();
+        }
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        let mut out = vec![0.0; src.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                out[r * cols + c] = src[c * rows + r];
+            }
+        }
+        out
+    }
+
+    /// Store values given in PyTorch's row-major order into the flat buffer.
+    pub fn import(&self, values: &[f32], flat: &mut [f32]) {
+        let dst = &mut flat[self.range.clone()];
+        if !self.transposed {
+            dst.copy_from_slice(values);
+            return;
+        }
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        for r in 0..rows {
+            for c in 0..cols {
+                dst[c * rows + r] = values[r * cols + c];
+            }
+        }
+    }
+}
+
+/// Offsets of every layer in the flat parameter buffer. The first encoder layer's weight is
+/// stored transposed, (D, h1), for the sparse first layer (see `sparse`).
 #[derive(Debug, Clone)]
 pub struct Layout {
     /// D -> h1 -> ... -> hk, activation after each.
@@ -42,7 +80,7 @@ pub struct Layout {
 impl Layout {
     pub fn new(config: &Config) -> Self {
         let mut len = 0;
-        let mut linear = |in_dim: usize, out_dim: usize| {
+        let mut linear = |in_dim: usize, out_dim: usize, transposed: bool| {
             let weight = len..len + in_dim * out_dim;
             let bias = weight.end..weight.end + out_dim;
             len = bias.end;
@@ -51,15 +89,20 @@ impl Layout {
                 out_dim,
                 weight,
                 bias,
+                transposed,
             }
         };
         let enc_dims = config.encoder_dims();
-        let encoder: Vec<_> = enc_dims.windows(2).map(|w| linear(w[0], w[1])).collect();
-        let head = linear(*enc_dims.last().unwrap(), 2 * config.latent_dim);
+        let encoder: Vec<_> = enc_dims
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| linear(w[0], w[1], i == 0))
+            .collect();
+        let head = linear(*enc_dims.last().unwrap(), 2 * config.latent_dim, false);
         let decoder: Vec<_> = config
             .decoder_dims()
             .windows(2)
-            .map(|w| linear(w[0], w[1]))
+            .map(|w| linear(w[0], w[1], false))
             .collect();
         Layout {
             encoder,
@@ -73,16 +116,27 @@ impl Layout {
     /// decoder.{j}; weights (out, in), biases (out,).
     pub fn tensors(&self) -> Vec<TensorSpec> {
         let mut out = Vec::new();
-        let mut push = |name: String, shape: Vec<usize>, range: Range<usize>| {
-            out.push(TensorSpec { name, shape, range })
+        let mut push = |name: String, shape: Vec<usize>, range: Range<usize>, transposed| {
+            out.push(TensorSpec {
+                name,
+                shape,
+                range,
+                transposed,
+            })
         };
         let mut linear = |prefix: String, l: &LinearLayout| {
             push(
                 format!("{prefix}.weight"),
                 vec![l.out_dim, l.in_dim],
                 l.weight.clone(),
+                l.transposed,
             );
-            push(format!("{prefix}.bias"), vec![l.out_dim], l.bias.clone());
+            push(
+                format!("{prefix}.bias"),
+                vec![l.out_dim],
+                l.bias.clone(),
+                false,
+            );
         };
         for (i, l) in self.encoder.iter().enumerate() {
             linear(format!("encoder.{i}"), l);
@@ -95,6 +149,7 @@ impl Layout {
             out_dim: z,
             weight: w0..w0 + z * h.in_dim,
             bias: b0..b0 + z,
+            transposed: false,
         };
         linear("fc_mu".into(), &half(w, b));
         linear("fc_logvar".into(), &half(w + z * h.in_dim, b + z));
@@ -142,5 +197,19 @@ mod tests {
         }
         assert_eq!(covered, layout.len);
         assert_eq!(layout.len, 652_824);
+    }
+
+    #[test]
+    fn transposed_export_import_round_trip() {
+        let layout = Layout::new(&Config::mnist());
+        let flat: Vec<f32> = (0..layout.len).map(|i| i as f32).collect();
+        let w1 = &layout.tensors()[0];
+        assert!(w1.transposed && w1.shape == vec![400, 784]);
+        let torch_order = w1.export(&flat);
+        // PyTorch's W1[o, i] is the buffer's (i, o) entry.
+        assert_eq!(torch_order[3 * 784 + 5], flat[5 * 400 + 3]);
+        let mut back = vec![0.0; layout.len];
+        w1.import(&torch_order, &mut back);
+        assert_eq!(&back[w1.range.clone()], &flat[w1.range.clone()]);
     }
 }

@@ -12,6 +12,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::collections::HashMap;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pyo3::create_exception!(
     fastvae,
     FastVAEError,
@@ -148,7 +151,7 @@ fn tensors_to_dict<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let out = PyDict::new(py);
     for t in specs {
-        let arr = PyArray1::from_slice(py, &flat[t.range.clone()]).reshape(t.shape.clone())?;
+        let arr = PyArray1::from_vec(py, t.export(flat)).reshape(t.shape.clone())?;
         out.set_item(&t.name, arr)?;
     }
     Ok(out)
@@ -179,16 +182,14 @@ fn dict_to_tensors(
                 t.shape
             )));
         }
-        let dst = &mut flat[t.range.clone()];
-        for (o, &x) in dst.iter_mut().zip(arr.as_array().iter()) {
-            *o = x;
-        }
-        if let Some(bad) = dst.iter().position(|v| !v.is_finite()) {
+        let values: Vec<f32> = arr.as_array().iter().copied().collect();
+        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
             return Err(InputError::new_err(format!(
                 "{what}[{:?}] has a non-finite value at flat index {bad}",
                 t.name
             )));
         }
+        t.import(&values, &mut flat);
     }
     if d.len() != specs.len() {
         let known: Vec<&str> = specs.iter().map(|t| t.name.as_str()).collect();
@@ -296,10 +297,11 @@ impl PyModel {
         data: &Bound<'_, PyDataset>,
         batch_size: usize,
         lr: f64,
+        binarize: bool,
     ) -> PyResult<PyEpochRun> {
         let inner = self
             .inner
-            .begin_epoch(&data.get().inner, batch_size, lr)
+            .begin_epoch(&data.get().inner, batch_size, lr, binarize)
             .map_err(to_py)?;
         Ok(PyEpochRun { inner })
     }
@@ -346,6 +348,24 @@ impl PyModel {
                 .map_err(to_py)?;
             py.check_signals()?;
         }
+        Ok(PyArray1::from_vec(py, out))
+    }
+
+    /// Importance-weighted log-likelihood (k samples) of rows [start, end); float64.
+    fn log_likelihood<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'py, PyDataset>,
+        start: usize,
+        end: usize,
+        k: usize,
+        seed: u64,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let data = &data.get().inner;
+        let mut out = vec![0.0f64; end.saturating_sub(start)];
+        let model = &self.inner;
+        py.detach(|| model.log_likelihood_rows(data, start, end, k, seed, &mut out))
+            .map_err(to_py)?;
         Ok(PyArray1::from_vec(py, out))
     }
 
@@ -481,6 +501,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("EVAL_CHUNK", EVAL_CHUNK)?;
     m.add("MAX_PARAMS", crate::config::MAX_PARAMS)?;
+    m.add("MAX_LR", crate::train::MAX_LR)?;
     m.add_class::<PyModel>()?;
     m.add_class::<PyDataset>()?;
     m.add_class::<PyEpochRun>()?;

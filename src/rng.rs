@@ -16,6 +16,8 @@ pub enum Purpose {
     TrainNoise = 3,
     EvalNoise = 4,
     Prior = 5,
+    Binarize = 6,
+    ImportanceNoise = 7,
 }
 
 /// SplitMix64 finalizer: a bijective mix, so distinct keys give unrelated seeds.
@@ -36,6 +38,18 @@ pub fn stream(seed: u64, purpose: Purpose, counter: u64) -> Xoshiro256PlusPlus {
 pub fn fill_normal(rng: &mut Xoshiro256PlusPlus, out: &mut [f32]) {
     for v in out.iter_mut() {
         *v = StandardNormal.sample(rng);
+    }
+}
+
+/// Replace each intensity p in [0, 1] with a Bernoulli(p) draw, 0 or 1 (0 and 1 stay as they
+/// are without a draw).
+pub fn binarize(rng: &mut Xoshiro256PlusPlus, x: &mut [f32]) {
+    use rand::RngExt;
+    for v in x.iter_mut() {
+        if *v > 0.0 && *v < 1.0 {
+            let u: f32 = rng.random();
+            *v = if u < *v { 1.0 } else { 0.0 };
+        }
     }
 }
 

@@ -11,6 +11,10 @@
 /// code; the target-feature wrappers only change code generation.
 macro_rules! dispatch {
     ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $generic:path) => {
+        $crate::simd::dispatch!($vis fn $name($($arg: $ty),*) -> $ret = $generic, $generic);
+    };
+    // A second path for CPUs without FMA, where `mul_add` would be a slow library call.
+    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $generic:path, $fallback:path) => {
         $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
@@ -37,11 +41,21 @@ macro_rules! dispatch {
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            $generic($($arg),*)
+            $fallback($($arg),*)
         }
     };
 }
 pub(crate) use dispatch;
+
+/// a * b + c, fused into one instruction when FMA (a const parameter of the calling kernel).
+#[inline(always)]
+pub fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
 
 /// Lanes of partial sums in vectorized reductions: a fixed count, so sums do not depend on
 /// which instruction set ran.

@@ -6,9 +6,11 @@
 
 use crate::config::Config;
 use crate::error::{Result, VaeError};
+use crate::layers::for_rows;
 use crate::model::{AdamUpdate, Vae, Workspace};
 use crate::optim::{AdamConfig, AdamState};
-use crate::rng::{fill_normal, permutation, stream, Purpose};
+use crate::rng::{binarize, fill_normal, permutation, stream, Purpose};
+use crate::sparse::{SparseBatch, SparseRows};
 use rayon::prelude::*;
 
 /// Rows per inference chunk; evaluation noise is keyed by chunk, so this fixes the results.
@@ -21,6 +23,8 @@ pub struct Dataset {
     pub data: Vec<f32>,
     pub n: usize,
     pub d: usize,
+    /// The nonzeros of each row, when sparse enough for the sparse first layer to gain.
+    pub sparse: Option<SparseRows>,
 }
 
 impl Dataset {
@@ -55,7 +59,8 @@ impl Dataset {
                 i % d
             )));
         }
-        Ok(Dataset { data, n, d })
+        let sparse = SparseRows::build(&data, n, d);
+        Ok(Dataset { data, n, d, sparse })
     }
 }
 
@@ -102,6 +107,20 @@ fn flush_denormals() {
 #[cfg(not(target_arch = "x86_64"))]
 fn flush_denormals() {}
 
+/// Largest learning rate accepted: beyond it an Adam step (about lr per weight) can overflow
+/// float32, and no useful training is anywhere near it.
+pub const MAX_LR: f64 = 1e6;
+
+fn check_lr(lr: f64) -> Result<()> {
+    if lr.is_finite() && lr > 0.0 && lr <= MAX_LR {
+        Ok(())
+    } else {
+        Err(VaeError::Config(format!(
+            "lr must be positive, finite and at most {MAX_LR:e}, got {lr}"
+        )))
+    }
+}
+
 /// Progress through one epoch: its shuffled order and the running loss.
 pub struct EpochRun {
     order: Vec<u32>,
@@ -109,6 +128,8 @@ pub struct EpochRun {
     pub next: usize,
     pub loss_sum: f64,
     lr: f64,
+    /// Dynamic binarization: every image is a fresh Bernoulli draw each time it is used.
+    binarize: bool,
 }
 
 impl EpochRun {
@@ -163,16 +184,18 @@ impl Model {
     }
 
     /// Start the next epoch: the shuffle is keyed by the seed and the epoch count.
-    pub fn begin_epoch(&self, data: &Dataset, batch_size: usize, lr: f64) -> Result<EpochRun> {
+    pub fn begin_epoch(
+        &self,
+        data: &Dataset,
+        batch_size: usize,
+        lr: f64,
+        binarize: bool,
+    ) -> Result<EpochRun> {
         self.check_data(data)?;
         if batch_size == 0 {
             return Err(VaeError::Config("batch_size must be positive".into()));
         }
-        if !(lr.is_finite() && lr > 0.0) {
-            return Err(VaeError::Config(format!(
-                "lr must be positive and finite, got {lr}"
-            )));
-        }
+        check_lr(lr)?;
         let order = permutation(&mut stream(self.seed, Purpose::Shuffle, self.epoch), data.n);
         Ok(EpochRun {
             order,
@@ -180,6 +203,7 @@ impl Model {
             next: 0,
             loss_sum: 0.0,
             lr,
+            binarize,
         })
     }
 
@@ -219,7 +243,20 @@ impl Model {
                     &mut stream(seed, Purpose::TrainNoise, adam.t),
                     &mut ws.eps[..n * zdim],
                 );
-                let loss = train_step(vae, grads, adam, ws, n, adam_cfg, epoch)?;
+                // Binarized batches take the dense first layer: their nonzeros are a fresh
+                // subset of the data set's.
+                let sparse = if run.binarize {
+                    // One stream per (step, row), so rows binarize in parallel.
+                    let step = adam.t;
+                    for_rows(&mut ws.x[..n * data.d], data.d, |r, row| {
+                        let key = (step << 24) ^ r as u64;
+                        binarize(&mut stream(seed, Purpose::Binarize, key), row)
+                    });
+                    None
+                } else {
+                    data.sparse.as_ref().map(|data| SparseBatch { data, rows })
+                };
+                let loss = train_step(vae, grads, adam, ws, n, sparse, adam_cfg, epoch)?;
                 run.loss_sum += loss;
                 run.next = end;
             }
@@ -250,9 +287,14 @@ impl Model {
         ws.eps.copy_from_slice(eps);
         let mut grads = vec![0.0; self.vae.params.len()];
         let vae = &mut self.vae;
+        let rows: Vec<u32> = (0..x.n as u32).collect();
+        let sparse = x
+            .sparse
+            .as_ref()
+            .map(|data| SparseBatch { data, rows: &rows });
         let loss = self.pool.install(|| {
-            vae.forward(&mut ws, x.n);
-            vae.loss_backward(&mut grads, &mut ws, x.n, None)
+            vae.forward(&mut ws, x.n, sparse);
+            vae.loss_backward(&mut grads, &mut ws, x.n, sparse, None)
         });
         Ok((loss.expect("only an update checks finiteness"), grads))
     }
@@ -268,11 +310,7 @@ impl Model {
                 x.n
             )));
         }
-        if !(lr.is_finite() && lr > 0.0) {
-            return Err(VaeError::Config(format!(
-                "lr must be positive and finite, got {lr}"
-            )));
-        }
+        check_lr(lr)?;
         let mut ws = Workspace::new(&self.vae.config, x.n, true);
         ws.x.copy_from_slice(&x.data);
         ws.eps.copy_from_slice(eps);
@@ -282,8 +320,13 @@ impl Model {
         };
         let (vae, grads, adam, epoch) =
             (&mut self.vae, &mut self.grads, &mut self.adam, self.epoch);
+        let rows: Vec<u32> = (0..x.n as u32).collect();
+        let sparse = x
+            .sparse
+            .as_ref()
+            .map(|data| SparseBatch { data, rows: &rows });
         self.pool
-            .install(|| train_step(vae, grads, adam, &mut ws, x.n, cfg, epoch))
+            .install(|| train_step(vae, grads, adam, &mut ws, x.n, sparse, cfg, epoch))
     }
 
     /// Per-example ELBO (= -(BCE + KL), one z sample each) for rows [start, end) of `data`,
@@ -312,7 +355,7 @@ impl Model {
                     &mut stream(seed, Purpose::EvalNoise, chunk),
                     &mut ws.eps[..n * zdim],
                 );
-                self.vae.forward(&mut ws, n);
+                self.vae.forward(&mut ws, n, None);
                 self.vae.reconstruction_loss(&mut ws, n, false);
                 let o = &mut out[lo - start..lo - start + n];
                 for (r, v) in o.iter_mut().enumerate() {
@@ -334,7 +377,7 @@ impl Model {
             for lo in (0..data.n).step_by(EVAL_CHUNK) {
                 let n = (data.n - lo).min(EVAL_CHUNK);
                 ws.x[..n * d].copy_from_slice(&data.data[lo * d..(lo + n) * d]);
-                self.vae.encode_forward(&mut ws, n);
+                self.vae.encode_forward(&mut ws, n, None);
                 for r in 0..n {
                     let h = &ws.head[r * 2 * zdim..(r + 1) * 2 * zdim];
                     mu[(lo + r) * zdim..(lo + r + 1) * zdim].copy_from_slice(&h[..zdim]);
@@ -387,6 +430,7 @@ impl Model {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// One step on the batch in ws.x with the noise in ws.eps: forward, backward and Adam fused
 /// per layer. On a non-finite loss no weight moves; the error names the epoch and step.
 fn train_step(
@@ -395,10 +439,11 @@ fn train_step(
     adam: &mut AdamState,
     ws: &mut Workspace,
     n: usize,
+    sparse: Option<SparseBatch<'_>>,
     cfg: AdamConfig,
     epoch: u64,
 ) -> Result<f64> {
-    vae.forward(ws, n);
+    vae.forward(ws, n, sparse);
     let step = adam.t + 1;
     let update = AdamUpdate {
         m: &mut adam.m,
@@ -407,7 +452,7 @@ fn train_step(
         cfg,
     };
     let loss = vae
-        .loss_backward(grads, ws, n, Some(update))
+        .loss_backward(grads, ws, n, sparse, Some(update))
         .map_err(|what| VaeError::NonFinite {
             epoch: epoch + 1,
             step,

@@ -10,6 +10,7 @@ __all__ = [
     "__version__",
     "EVAL_CHUNK",
     "MAX_PARAMS",
+    "MAX_LR",
     "Model",
     "Dataset",
     "EpochRun",
@@ -24,6 +25,7 @@ __all__ = [
 __version__: str
 EVAL_CHUNK: int
 MAX_PARAMS: int
+MAX_LR: float
 
 class FastVAEError(ValueError):
     """Base class of fastvae's errors; a ValueError."""
@@ -105,12 +107,18 @@ class Model:
         step: int,
         epoch: int,
     ) -> None: ...
-    def begin_epoch(self, data: Dataset, batch_size: int, lr: float) -> EpochRun: ...
+    def begin_epoch(
+        self, data: Dataset, batch_size: int, lr: float, binarize: bool
+    ) -> EpochRun: ...
     def run(self, data: Dataset, run: EpochRun, max_batches: int) -> None:
         """Train on up to max_batches further batches of the epoch, without the GIL."""
     def end_epoch(self, run: EpochRun) -> float: ...
     def elbo(self, data: Dataset, seed: int) -> NDArray[np.float64]:
         """Per-example ELBO with one z sample each, noise keyed by seed; float64 (n,)."""
+    def log_likelihood(
+        self, data: Dataset, start: int, end: int, k: int, seed: int
+    ) -> NDArray[np.float64]:
+        """Importance-weighted log-likelihood (k samples) of rows [start, end); float64."""
     def loss_and_grads(
         self, x: Dataset, eps: NDArray[np.float32] | NDArray[np.float64]
     ) -> tuple[float, dict[str, NDArray[np.float32]]]:

@@ -41,7 +41,7 @@ import numpy as np
 
 from .errors import DataError, InputError
 
-__all__ = ["load_idx_dataset", "load_mnist", "read_idx"]
+__all__ = ["binarize", "load_idx_dataset", "load_mnist", "read_idx"]
 
 _log = logging.getLogger(__name__)
 
@@ -615,3 +615,18 @@ def load_mnist(
             arrays.append(_load_file(path, name, verify, label=str(path)))
     images_label, labels_label = (str(found[n] or directory / f"{n}.gz") for n in names)
     return _images_labels(arrays[0], arrays[1], images_label, labels_label)
+
+
+def binarize(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A fixed Bernoulli draw of intensities in [0, 1]: 1.0 with probability x, else 0.0.
+
+    With the default seed this gives the same binarized set every time, for evaluating
+    models trained with ``fit(..., binarize="dynamic")`` as papers do.
+    """
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f":
+        raise InputError(f"binarize expects floats in [0, 1], got dtype {arr.dtype}")
+    if arr.size and not (np.all(arr >= 0) and np.all(arr <= 1)):
+        raise InputError("binarize expects values in [0, 1]")
+    rng = np.random.default_rng(seed)
+    return (rng.random(arr.shape, dtype=np.float32) < arr).astype(np.float32)

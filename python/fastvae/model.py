@@ -208,6 +208,7 @@ class VAE:
         lr: float = 1e-3,
         validation_data: Any = None,
         progress: bool = True,
+        binarize: str | None = None,
     ) -> VAE:
         """Train for ``epochs`` more epochs, continuing from the current weights and Adam state.
 
@@ -225,6 +226,9 @@ class VAE:
             Evaluated after every epoch; its mean loss goes to ``history_["val_loss"]``.
         progress : bool
             Show a progress bar with the running loss and samples/s.
+        binarize : {None, "dynamic"}
+            "dynamic" trains on a fresh Bernoulli draw of every image each time it is used
+            (binarized MNIST, as papers report); x then holds the pixel probabilities.
 
         Returns
         -------
@@ -242,8 +246,10 @@ class VAE:
         batch_size = _positive_int("batch_size", batch_size)
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
             raise ConfigError(f"lr must be a positive number, got {lr!r}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ConfigError(f"lr must be positive and finite, got {lr}")
+        if not (math.isfinite(lr) and 0 < lr <= _core.MAX_LR):
+            raise ConfigError(f"lr must be positive, finite and at most {_core.MAX_LR:g}, got {lr}")
+        if binarize not in (None, "dynamic"):
+            raise ConfigError(f"binarize must be None or 'dynamic', got {binarize!r}")
         self._checked_config()
         data = self._dataset(x)
         val = None
@@ -258,7 +264,9 @@ class VAE:
         try:
             model = self._ensure_model()
             for _ in range(epochs):
-                self._fit_epoch(model, data, val, batch_size, float(lr), progress)
+                self._fit_epoch(
+                    model, data, val, batch_size, float(lr), progress, binarize == "dynamic"
+                )
         finally:
             self._lock.release()
         return self
@@ -271,15 +279,16 @@ class VAE:
         batch_size: int,
         lr: float,
         progress: bool,
+        binarize: bool,
     ) -> None:
         from .progress import progress_bar
 
         epoch = model.epoch + 1
-        run = model.begin_epoch(data, batch_size, lr)
+        run = model.begin_epoch(data, batch_size, lr, binarize)
         n = data.shape[0]
         per_call = 1
         seconds = 0.0
-        with progress_bar(run.total_batches, f"epoch {epoch}", progress) as bar:
+        with progress_bar(run.total_batches, f"epoch {epoch}", progress, "batch") as bar:
             while not run.done:
                 t0 = time.perf_counter()
                 before = run.batches_done
@@ -297,7 +306,7 @@ class VAE:
             train_loss = model.end_epoch(run)
             val_loss = None
             if val is not None:
-                val_loss = float(-model.elbo(val, self._eval_seed()).mean())
+                val_loss = float(-model.elbo(val, self._EVAL_SEED).mean())
                 bar.set_postfix(loss=f"{train_loss:.2f}", val=f"{val_loss:.2f}")
         h = self.history_
         h["epoch"].append(epoch)
@@ -306,8 +315,8 @@ class VAE:
         h["samples_per_sec"].append(n / seconds if seconds > 0 else float("inf"))
         h["seconds"].append(seconds)
 
-    def _eval_seed(self) -> int:
-        return _seed("seed", self.seed)
+    # Evaluation noise does not depend on the model's seed, so equal weights give equal ELBOs.
+    _EVAL_SEED = 0
 
     # -- inference ------------------------------------------------------------------------
 
@@ -345,12 +354,42 @@ class VAE:
     def elbo(self, x: ArrayLike, seed: int | None = None) -> NDArray[np.float64]:
         """Per-example evidence lower bound log p(x|z) - KL(q(z|x) || p(z)), one z sample each.
 
-        float64 of shape (n,), in nats; higher is better. With seed None the noise is keyed by
-        the model's seed, so repeated calls agree.
+        float64 of shape (n,), in nats; higher is better. With seed None the noise comes from a
+        fixed seed, so repeated calls, and models with equal weights, agree.
         """
         model = self._fitted()
         data = self._dataset(x)
-        return model.elbo(data, self._eval_seed() if seed is None else _seed("seed", seed))
+        return model.elbo(data, self._EVAL_SEED if seed is None else _seed("seed", seed))
+
+    def log_likelihood(
+        self, x: ArrayLike, k: int = 5000, seed: int | None = None, progress: bool = False
+    ) -> NDArray[np.float64]:
+        """Importance-weighted estimate of log p(x) per example (Burda et al., 2016), in nats.
+
+        log (1/k) sum_j p(x, z_j) / q(z_j | x) with z_j ~ q(z | x): a lower bound on log p(x)
+        that tightens as k grows (k=1 is the ELBO in expectation). Computed in bounded memory
+        for any k, on all of the model's threads; Ctrl-C stops it within a second.
+
+        Returns
+        -------
+        float64 array of shape (n,).
+        """
+        from .progress import progress_bar
+
+        model = self._fitted()
+        k = _positive_int("k", k)
+        seed = self._EVAL_SEED if seed is None else _seed("seed", seed)
+        data = self._dataset(x)
+        n = data.shape[0]
+        # About 64K decoder rows per call: a fraction of a second between interrupt checks.
+        step = max(1, 65536 // k)
+        out = np.empty(n, dtype=np.float64)
+        with progress_bar(n, f"log-likelihood (k={k})", progress, "image") as bar:
+            for start in range(0, n, step):
+                end = min(n, start + step)
+                out[start:end] = model.log_likelihood(data, start, end, k, seed)
+                bar.update(end - start)
+        return out
 
     def score(self, x: ArrayLike, y: Any = None) -> float:
         """Mean ELBO over x (higher is better), as scikit-learn's score."""

@@ -12,9 +12,9 @@ __all__ = ["progress_bar"]
 
 
 @contextmanager
-def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it") -> Iterator[Any]:
     """A tqdm bar over `total` steps, disabled (no output at all) when not `enabled`."""
-    bar = tqdm(total=total, desc=desc, unit="batch", disable=not enabled, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
     try:
         yield bar
     finally:
