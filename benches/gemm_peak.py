@@ -75,7 +75,7 @@ def main():
         fns = [fn for fn, _ in ops.values()]
         total = sum(f for _, f in ops.values())
 
-        def both():
+        def both(fns=fns):
             for fn in fns:
                 fn()
 

@@ -74,12 +74,15 @@ def read_idx(path):
 
 def load_images(data_dir, prefix):
     """Images of one split as float32 in [0, 1], shape (n, 784)."""
-    for name in (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-images-idx3-ubyte",
-                 f"{prefix}-images.idx3-ubyte"):
+    for name in (
+        f"{prefix}-images-idx3-ubyte.gz",
+        f"{prefix}-images-idx3-ubyte",
+        f"{prefix}-images.idx3-ubyte",
+    ):
         path = os.path.join(data_dir, name)
         if os.path.exists(path):
             imgs = read_idx(path)
-            return (imgs.reshape(imgs.shape[0], -1).astype(np.float32) / 255.0)
+            return imgs.reshape(imgs.shape[0], -1).astype(np.float32) / 255.0
     raise FileNotFoundError(f"no {prefix} images in {data_dir}")
 
 
@@ -96,16 +99,24 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--hidden", type=parse_hidden, default=[400],
-                   help="hidden layer sizes, comma separated (e.g. 512,256)")
+    p.add_argument(
+        "--hidden",
+        type=parse_hidden,
+        default=[400],
+        help="hidden layer sizes, comma separated (e.g. 512,256)",
+    )
     p.add_argument("--latent", type=int, default=20)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--flush-denormal", action="store_true",
-                   help="JAX analogue: XLA_FLAGS --xla_cpu_ftz=true (flush denormals "
-                        "to zero in XLA-generated CPU code)")
-    p.add_argument("--limit", type=int, default=0,
-                   help="use only the first N training images (0 = all)")
+    p.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="JAX analogue: XLA_FLAGS --xla_cpu_ftz=true (flush denormals "
+        "to zero in XLA-generated CPU code)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=0, help="use only the first N training images (0 = all)"
+    )
     return p.parse_args(argv)
 
 
@@ -187,8 +198,7 @@ def main(argv=None):
     def loss_fn(params, x, key):
         logits, mu, logvar = forward(params, x, key)
         # binary_cross_entropy_with_logits, the same stable form torch uses
-        bce = jnp.sum(jnp.maximum(logits, 0.0) - logits * x
-                      + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+        bce = jnp.sum(jnp.maximum(logits, 0.0) - logits * x + jnp.log1p(jnp.exp(-jnp.abs(logits))))
         kld = -0.5 * jnp.sum(1.0 + logvar - mu * mu - jnp.exp(logvar))
         return bce + kld
 
@@ -221,7 +231,7 @@ def main(argv=None):
             carry, losses = lax.scan(train_step, carry, (idx, keys))
             total = total + jnp.sum(losses)
         if rem:  # last partial batch: static shape (rem,), compiled once
-            carry, loss = train_step(carry, (perm[n_full * bs:], k_rem))
+            carry, loss = train_step(carry, (perm[n_full * bs :], k_rem))
             total = total + loss
         return carry[0], carry[1], total
 
@@ -233,13 +243,16 @@ def main(argv=None):
     opt_state = opt.init(params)
     key = jax.random.PRNGKey(args.seed)
 
-    log(f"jax {jax.__version__}, optax {optax.__version__}, devices={jax.devices()}, "
+    log(
+        f"jax {jax.__version__}, optax {optax.__version__}, devices={jax.devices()}, "
         f"threads={args.threads} ({thread_note}), n_train={n}, batch={bs} "
-        f"({n_full} full + {rem}), hidden={args.hidden}, latent={args.latent}")
+        f"({n_full} full + {rem}), hidden={args.hidden}, latent={args.latent}"
+    )
 
     t0 = time.perf_counter()
-    epoch_fn = (jax.jit(run_epoch, donate_argnums=(0, 1))
-                .lower(params, opt_state, train_x, key).compile())
+    epoch_fn = (
+        jax.jit(run_epoch, donate_argnums=(0, 1)).lower(params, opt_state, train_x, key).compile()
+    )
     log(f"epoch function compiled in {time.perf_counter() - t0:.2f} s (not timed)")
 
     for epoch in range(1, args.epochs + 1):
@@ -249,15 +262,28 @@ def main(argv=None):
         params, opt_state, total = epoch_fn(params, opt_state, train_x, k_epoch)
         jax.block_until_ready((params, opt_state, total))
         secs = time.perf_counter() - t0
-        emit({"system": SYSTEM, "epoch": epoch, "seconds": secs,
-              "samples_per_sec": n / secs, "train_loss": float(total) / n})
+        emit(
+            {
+                "system": SYSTEM,
+                "epoch": epoch,
+                "seconds": secs,
+                "samples_per_sec": n / secs,
+                "train_loss": float(total) / n,
+            }
+        )
 
     # Test loss as pytorch/examples/vae: a sampled z, BCE sum + KL, per example.
     key, k_test = jax.random.split(key)
     test_total = float(test_loss(params, test_x, k_test))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    emit({"system": SYSTEM, "final": True,
-          "test_loss": test_total / test_np.shape[0], "peak_rss_mb": peak})
+    emit(
+        {
+            "system": SYSTEM,
+            "final": True,
+            "test_loss": test_total / test_np.shape[0],
+            "peak_rss_mb": peak,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -62,12 +62,15 @@ def read_idx(path):
 
 def load_images(data_dir, prefix):
     """Images of one split as float32 in [0, 1], shape (n, 784)."""
-    for name in (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-images-idx3-ubyte",
-                 f"{prefix}-images.idx3-ubyte"):
+    for name in (
+        f"{prefix}-images-idx3-ubyte.gz",
+        f"{prefix}-images-idx3-ubyte",
+        f"{prefix}-images.idx3-ubyte",
+    ):
         path = os.path.join(data_dir, name)
         if os.path.exists(path):
             imgs = read_idx(path)
-            return (imgs.reshape(imgs.shape[0], -1).astype(np.float32) / 255.0)
+            return imgs.reshape(imgs.shape[0], -1).astype(np.float32) / 255.0
     raise FileNotFoundError(f"no {prefix} images in {data_dir}")
 
 
@@ -84,15 +87,19 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--hidden", type=parse_hidden, default=[400],
-                   help="hidden layer sizes, comma separated (e.g. 512,256)")
+    p.add_argument(
+        "--hidden",
+        type=parse_hidden,
+        default=[400],
+        help="hidden layer sizes, comma separated (e.g. 512,256)",
+    )
     p.add_argument("--latent", type=int, default=20)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--flush-denormal", action="store_true",
-                   help="torch.set_flush_denormal(True)")
-    p.add_argument("--limit", type=int, default=0,
-                   help="use only the first N training images (0 = all)")
+    p.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
+    p.add_argument(
+        "--limit", type=int, default=0, help="use only the first N training images (0 = all)"
+    )
     return p.parse_args(argv)
 
 
@@ -158,12 +165,13 @@ def main(argv=None):
     bs = args.batch_size
 
     model = VAE(args.hidden, args.latent)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr,
-                                 betas=(0.9, 0.999), eps=1e-8)
-    log(f"torch {torch.__version__}, threads={torch.get_num_threads()}, "
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    log(
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, "
         f"interop={torch.get_num_interop_threads()}, n_train={n}, batch={bs}, "
         f"hidden={args.hidden}, latent={args.latent}, "
-        f"flush_denormal={args.flush_denormal}")
+        f"flush_denormal={args.flush_denormal}"
+    )
 
     for epoch in range(1, args.epochs + 1):
         model.train()
@@ -171,7 +179,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         perm = torch.randperm(n)
         for start in range(0, n, bs):  # last partial batch included
-            x = train_x[perm[start:start + bs]]
+            x = train_x[perm[start : start + bs]]
             optimizer.zero_grad()
             logits, mu, logvar = model(x)
             loss = loss_function(logits, x, mu, logvar)
@@ -179,20 +187,33 @@ def main(argv=None):
             total += loss.item()
             optimizer.step()
         secs = time.perf_counter() - t0
-        emit({"system": SYSTEM, "epoch": epoch, "seconds": secs,
-              "samples_per_sec": n / secs, "train_loss": total / n})
+        emit(
+            {
+                "system": SYSTEM,
+                "epoch": epoch,
+                "seconds": secs,
+                "samples_per_sec": n / secs,
+                "train_loss": total / n,
+            }
+        )
 
     # Test loss as pytorch/examples/vae: a sampled z, BCE sum + KL, per example.
     model.eval()
     test_total = 0.0
     with torch.no_grad():
         for start in range(0, test_x.shape[0], 1000):
-            x = test_x[start:start + 1000]
+            x = test_x[start : start + 1000]
             logits, mu, logvar = model(x)
             test_total += loss_function(logits, x, mu, logvar).item()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    emit({"system": SYSTEM, "final": True,
-          "test_loss": test_total / test_x.shape[0], "peak_rss_mb": peak})
+    emit(
+        {
+            "system": SYSTEM,
+            "final": True,
+            "test_loss": test_total / test_x.shape[0],
+            "peak_rss_mb": peak,
+        }
+    )
 
 
 if __name__ == "__main__":

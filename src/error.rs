@@ -13,7 +13,7 @@ pub enum VaeError {
     #[error("{0}")]
     Input(String),
     /// The loss or a gradient became NaN or infinite during training.
-    #[error("training diverged at epoch {epoch}, step {step}: {what} (try a smaller lr)")]
+    #[error("training diverged at epoch {epoch}, step {step}: {what}; the weights are those of the last finite step (try a smaller lr)")]
     NonFinite { epoch: u64, step: u64, what: String },
     /// A model file that cannot be read or does not match its configuration.
     #[error("{0}")]

@@ -52,8 +52,13 @@ const MIN_SPLIT: usize = 32;
 /// Products below this many multiply-adds run on one thread: splitting costs more than it saves.
 const MIN_PARALLEL_MACS: usize = 1 << 21;
 
-/// dst (m, n) = a (m, k) b (k, n), split over `parts` threads along the larger output dim.
-fn matmul_split(dst: Mat, a: Mat, b: Mat, parts: usize) {
+/// Work applied to each finished row piece of a product while it is in cache, given the
+/// piece and the column it starts at (bias and activation, say).
+pub type Epilogue<'a> = &'a (dyn Fn(&mut [f32], usize) + Sync);
+
+/// dst (m, n) = a (m, k) b (k, n), split over `parts` threads along the larger output dim;
+/// `col0` is dst's first column within the whole product, for the epilogue.
+fn matmul_split(dst: Mat, a: Mat, b: Mat, parts: usize, col0: usize, epi: Option<Epilogue<'_>>) {
     let (m, n) = (dst.rows, dst.cols);
     if parts > 1 && m.max(n) >= 2 * MIN_SPLIT {
         let left = parts / 2;
@@ -61,27 +66,19 @@ fn matmul_split(dst: Mat, a: Mat, b: Mat, parts: usize) {
             // Split rows at a multiple of 16 (the kernels' register tile), in proportion to parts.
             let cut = ((m * left / parts) / 16 * 16).clamp(16, m - 16);
             rayon::join(
-                || matmul_split(dst.rows(0, cut), a.rows(0, cut), b, left),
+                || matmul_split(dst.rows(0, cut), a.rows(0, cut), b, left, col0, epi),
                 || {
-                    matmul_split(
-                        dst.rows(cut, m - cut),
-                        a.rows(cut, m - cut),
-                        b,
-                        parts - left,
-                    )
+                    let (d, a) = (dst.rows(cut, m - cut), a.rows(cut, m - cut));
+                    matmul_split(d, a, b, parts - left, col0, epi)
                 },
             );
         } else {
             let cut = ((n * left / parts) / 16 * 16).clamp(16, n - 16);
             rayon::join(
-                || matmul_split(dst.cols(0, cut), a, b.cols(0, cut), left),
+                || matmul_split(dst.cols(0, cut), a, b.cols(0, cut), left, col0, epi),
                 || {
-                    matmul_split(
-                        dst.cols(cut, n - cut),
-                        a,
-                        b.cols(cut, n - cut),
-                        parts - left,
-                    )
+                    let (d, b) = (dst.cols(cut, n - cut), b.cols(cut, n - cut));
+                    matmul_split(d, a, b, parts - left, col0 + cut, epi)
                 },
             );
         }
@@ -112,6 +109,16 @@ fn matmul_split(dst: Mat, a: Mat, b: Mat, parts: usize) {
             gemm::Parallelism::None,
         );
     }
+    if let Some(f) = epi {
+        debug_assert_eq!(dst.cs, 1);
+        for r in 0..m {
+            // SAFETY: row r of this tile: n contiguous elements (dst is row-major) that no
+            // other task touches.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(dst.ptr.offset(r as isize * dst.rs), n) };
+            f(row, col0);
+        }
+    }
 }
 
 /// How a matrix sits in its slice.
@@ -138,6 +145,15 @@ fn view(s: &[f32], rows: usize, cols: usize, layout: Layout) -> Mat {
     }
 }
 
+/// Threads worth using for a product of m * k * n multiply-adds.
+pub fn product_threads(m: usize, k: usize, n: usize) -> usize {
+    if m * n * k < MIN_PARALLEL_MACS {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    }
+}
+
 /// dst (m, n) = op(a) (m, k) op(b) (k, n), over the current rayon pool.
 pub fn matmul(
     dst: &mut [f32],
@@ -149,6 +165,23 @@ pub fn matmul(
     k: usize,
     n: usize,
 ) {
+    let parts = product_threads(m, k, n);
+    matmul_on(parts, dst, a, a_layout, b, b_layout, m, k, n, None);
+}
+
+/// `matmul` on `parts` threads, then `epi` on each finished row piece.
+pub fn matmul_on(
+    parts: usize,
+    dst: &mut [f32],
+    a: &[f32],
+    a_layout: Layout,
+    b: &[f32],
+    b_layout: Layout,
+    m: usize,
+    k: usize,
+    n: usize,
+    epi: Option<Epilogue<'_>>,
+) {
     let d = view(dst, m, n, Layout::Normal);
     let a = view(a, m, k, a_layout);
     let b = view(b, k, n, b_layout);
@@ -157,14 +190,12 @@ pub fn matmul(
     }
     if k == 0 {
         dst.fill(0.0);
+        if let Some(f) = epi {
+            dst.chunks_exact_mut(n).for_each(|row| f(row, 0));
+        }
         return;
     }
-    let parts = if m * n * k < MIN_PARALLEL_MACS {
-        1
-    } else {
-        rayon::current_num_threads()
-    };
-    matmul_split(d, a, b, parts);
+    matmul_split(d, a, b, parts.max(1), 0, epi);
 }
 
 /// Reference product for tests: f64 accumulation, no blocking.
@@ -220,7 +251,8 @@ pub fn for_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + S
         });
 }
 
-/// out (B, O) = act(inp (B, I) weight^T + bias); weight (O, I), bias (O).
+/// out (B, O) = act(inp (B, I) weight^T + bias); weight (O, I), bias (O). Bias and activation
+/// run on each piece of the product as soon as it is done.
 pub fn linear_forward(
     out: &mut [f32],
     inp: &[f32],
@@ -231,7 +263,10 @@ pub fn linear_forward(
     o: usize,
     act: Option<Activation>,
 ) {
-    matmul(
+    let epi = |row: &mut [f32], c0: usize| bias_activation(row, &bias[c0..c0 + row.len()], act);
+    let parts = product_threads(b, i, o);
+    matmul_on(
+        parts,
         out,
         inp,
         Layout::Normal,
@@ -240,41 +275,57 @@ pub fn linear_forward(
         b,
         i,
         o,
+        Some(&epi),
     );
-    for_rows(out, o, |_, row| {
-        match act {
-            None => row.iter_mut().zip(bias).for_each(|(v, c)| *v += c),
-            Some(Activation::Relu) => row
-                .iter_mut()
-                .zip(bias)
-                .for_each(|(v, c)| *v = (*v + c).max(0.0)),
-            Some(Activation::Tanh) => row
-                .iter_mut()
-                .zip(bias)
-                .for_each(|(v, c)| *v = (*v + c).tanh()),
-        };
-    });
+}
+
+/// row += bias, then the activation, if any.
+pub fn bias_activation(row: &mut [f32], bias: &[f32], act: Option<Activation>) {
+    match act {
+        None => row.iter_mut().zip(bias).for_each(|(v, c)| *v += c),
+        Some(Activation::Relu) => row
+            .iter_mut()
+            .zip(bias)
+            .for_each(|(v, c)| *v = (*v + c).max(0.0)),
+        Some(Activation::Tanh) => row
+            .iter_mut()
+            .zip(bias)
+            .for_each(|(v, c)| *v = (*v + c).tanh()),
+    }
 }
 
 /// dpre (B, O) *= act'(pre) given the activation's output `out` (B, O); turns the gradient with
 /// respect to a layer's output into the gradient with respect to its pre-activation.
 pub fn activation_backward(dout: &mut [f32], out: &[f32], width: usize, act: Activation) {
     let out = &out[..dout.len()];
-    for_rows(dout, width, |r, row| {
-        let y = &out[r * width..(r + 1) * width];
-        match act {
-            Activation::Relu => row.iter_mut().zip(y).for_each(|(d, &y)| {
-                if y <= 0.0 {
-                    *d = 0.0
-                }
-            }),
-            Activation::Tanh => row.iter_mut().zip(y).for_each(|(d, &y)| *d *= 1.0 - y * y),
-        }
-    });
+    let chunk = rows_per_task(dout.len() / width.max(1), width) * width;
+    dout.par_chunks_mut(chunk)
+        .zip(out.par_chunks(chunk))
+        .for_each(|(d, y)| match act {
+            Activation::Relu => relu_backward(d, y),
+            Activation::Tanh => tanh_backward(d, y),
+        });
 }
 
+#[inline(always)]
+fn relu_backward_generic(d: &mut [f32], y: &[f32]) {
+    // A select, not a branch, so it vectorizes.
+    d.iter_mut()
+        .zip(y)
+        .for_each(|(d, &y)| *d = if y > 0.0 { *d } else { 0.0 });
+}
+
+#[inline(always)]
+fn tanh_backward_generic(d: &mut [f32], y: &[f32]) {
+    d.iter_mut().zip(y).for_each(|(d, &y)| *d *= 1.0 - y * y);
+}
+
+dispatch!(fn relu_backward(d: &mut [f32], y: &[f32]) -> () = relu_backward_generic);
+dispatch!(fn tanh_backward(d: &mut [f32], y: &[f32]) -> () = tanh_backward_generic);
+
 /// Gradients of y = x W^T + b given dout (B, O) = dL/dy: dweight (O, I) = dout^T inp,
-/// dbias (O) = column sums of dout, and dinp (B, I) = dout weight when asked for.
+/// dbias (O) = column sums of dout, and dinp (B, I) = dout weight when asked for. The two
+/// products have equal cost, so with two or more threads each takes half of the pool.
 pub fn linear_backward(
     dinp: Option<&mut [f32]>,
     dweight: &mut [f32],
@@ -286,37 +337,58 @@ pub fn linear_backward(
     i: usize,
     o: usize,
 ) {
-    matmul(
-        dweight,
-        dout,
-        Layout::Transposed,
-        inp,
-        Layout::Normal,
-        o,
-        b,
-        i,
-    );
-    bias_backward(dbias, dout, b, o);
-    if let Some(dinp) = dinp {
-        matmul(dinp, dout, Layout::Normal, weight, Layout::Normal, b, o, i);
+    let parts = product_threads(o, b, i);
+    let weight_grads = |dweight: &mut [f32], dbias: &mut [f32], parts: usize| {
+        matmul_on(
+            parts,
+            dweight,
+            dout,
+            Layout::Transposed,
+            inp,
+            Layout::Normal,
+            o,
+            b,
+            i,
+            None,
+        );
+        bias_backward(dbias, dout, b, o);
+    };
+    let input_grad = |dinp: &mut [f32], parts: usize| {
+        matmul_on(
+            parts,
+            dinp,
+            dout,
+            Layout::Normal,
+            weight,
+            Layout::Normal,
+            b,
+            o,
+            i,
+            None,
+        )
+    };
+    match dinp {
+        Some(dinp) if parts > 1 => {
+            let half = parts / 2;
+            rayon::join(
+                || weight_grads(dweight, dbias, parts - half),
+                || input_grad(dinp, half),
+            );
+        }
+        Some(dinp) => {
+            weight_grads(dweight, dbias, parts);
+            input_grad(dinp, parts);
+        }
+        None => weight_grads(dweight, dbias, parts),
     }
 }
 
-/// dbias (O) = sum over the batch of dout (B, O); each thread owns a range of columns and adds
-/// rows in order, so the sum does not depend on the thread count.
+/// dbias (O) = sum over the batch of dout (B, O), adding rows in order.
 pub fn bias_backward(dbias: &mut [f32], dout: &[f32], b: usize, o: usize) {
-    let per_task = o.div_ceil(rayon::current_num_threads().max(1)).max(64);
-    dbias
-        .par_chunks_mut(per_task)
-        .enumerate()
-        .for_each(|(c, cols)| {
-            let start = c * per_task;
-            cols.fill(0.0);
-            for r in 0..b {
-                let row = &dout[r * o + start..r * o + start + cols.len()];
-                cols.iter_mut().zip(row).for_each(|(acc, v)| *acc += v);
-            }
-        });
+    dbias.fill(0.0);
+    for row in dout[..b * o].chunks_exact(o) {
+        dbias.iter_mut().zip(row).for_each(|(acc, v)| *acc += v);
+    }
 }
 
 /// Bernoulli negative log-likelihood of targets x in [0, 1] under logits l, summed per row,
@@ -351,35 +423,35 @@ pub fn bce_logits_forward_backward(
 /// One row's BCE sum; with GRAD, the logits become sigmoid(l) - x. Partial sums run in
 /// `LANES` fixed lanes so the compiler can vectorize them.
 #[inline(always)]
-fn bce_row_generic<const GRAD: bool>(row: &mut [f32], x: &[f32]) -> f32 {
+fn bce_row_generic<const GRAD: bool, const FMA: bool>(row: &mut [f32], x: &[f32]) -> f32 {
     #[inline(always)]
-    fn one<const GRAD: bool>(l: &mut f32, t: f32) -> f32 {
+    fn one<const GRAD: bool, const FMA: bool>(l: &mut f32, t: f32) -> f32 {
         let v = *l;
-        let e = exp_nonpositive(-v.abs());
+        let e = exp_nonpositive::<FMA>(-v.abs());
         if GRAD {
             let inv = 1.0 / (1.0 + e);
             let sig = if v >= 0.0 { inv } else { e * inv };
             *l = sig - t;
         }
-        v.max(0.0) - v * t + log1p_unit(e)
+        v.max(0.0) - v * t + log1p_unit::<FMA>(e)
     }
     let mut acc = [0.0f32; LANES];
     let mut rows = row.chunks_exact_mut(LANES);
     let mut xs = x.chunks_exact(LANES);
     for (lc, xc) in (&mut rows).zip(&mut xs) {
         for k in 0..LANES {
-            acc[k] += one::<GRAD>(&mut lc[k], xc[k]);
+            acc[k] += one::<GRAD, FMA>(&mut lc[k], xc[k]);
         }
     }
     let mut tail = 0.0f32;
     for (l, &t) in rows.into_remainder().iter_mut().zip(xs.remainder()) {
-        tail += one::<GRAD>(l, t);
+        tail += one::<GRAD, FMA>(l, t);
     }
     acc.iter().sum::<f32>() + tail
 }
 
-dispatch!(fn bce_row_grad(row: &mut [f32], x: &[f32]) -> f32 = bce_row_generic::<true>);
-dispatch!(fn bce_row(row: &mut [f32], x: &[f32]) -> f32 = bce_row_generic::<false>);
+dispatch!(fn bce_row_grad(row: &mut [f32], x: &[f32]) -> f32 = bce_row_generic::<true, true>, bce_row_generic::<true, false>);
+dispatch!(fn bce_row(row: &mut [f32], x: &[f32]) -> f32 = bce_row_generic::<false, true>, bce_row_generic::<false, false>);
 
 /// Reparameterization and the Gaussian KL (Kingma & Welling, appendix B):
 /// z = mu + exp(logvar / 2) eps and KL(N(mu, sigma^2) || N(0, I)) =
@@ -391,8 +463,9 @@ pub fn reparam_kl_forward(
     eps: &[f32],
     zdim: usize,
 ) {
-    z.par_chunks_mut(zdim)
-        .zip(row_kl.par_iter_mut())
+    // B x Z is small: one thread, no scheduling.
+    z.chunks_exact_mut(zdim)
+        .zip(row_kl.iter_mut())
         .enumerate()
         .for_each(|(r, (zr, kl))| {
             let (mu, lv) = head[r * 2 * zdim..(r + 1) * 2 * zdim].split_at(zdim);
@@ -411,7 +484,7 @@ pub fn reparam_kl_forward(
 /// dmu = dz + mu, dlogvar = dz eps sigma / 2 + (exp(logvar) - 1) / 2.
 pub fn reparam_kl_backward(dhead: &mut [f32], dz: &[f32], head: &[f32], eps: &[f32], zdim: usize) {
     dhead
-        .par_chunks_mut(2 * zdim)
+        .chunks_exact_mut(2 * zdim)
         .enumerate()
         .for_each(|(r, dh)| {
             let (mu, lv) = head[r * 2 * zdim..(r + 1) * 2 * zdim].split_at(zdim);

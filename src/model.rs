@@ -9,7 +9,7 @@ use crate::layers::{
     activation_backward, bce_logits_forward_backward, bias_backward, linear_backward,
     linear_forward, reparam_kl_backward, reparam_kl_forward,
 };
-use crate::optim::{adam_update_finite, AdamConfig};
+use crate::optim::all_finite;
 use crate::params::{Layout, LinearLayout};
 use crate::sparse::{first_layer_forward, first_layer_weight_backward, BandColumns, SparseBatch};
 
@@ -193,51 +193,31 @@ impl Vae {
     /// After `forward`: the loss summed over the n rows, and its gradient with respect to
     /// every parameter written into `grads` (laid out as the parameters).
     ///
-    /// With `update`, each layer takes its Adam step as soon as its gradient is complete (the
-    /// layer's weights are no longer needed by the rest of the backward pass, and the gradient
-    /// is still in cache). Then a non-finite loss stops the step before any weight moves, and
-    /// a non-finite gradient stops it before that layer moves; the error names what was not
-    /// finite.
+    /// With `check_finite`, a non-finite loss, or a non-finite gradient (checked per layer
+    /// while it is in cache), is an error naming it; training then leaves the weights alone.
     pub fn loss_backward(
-        &mut self,
+        &self,
         grads: &mut [f32],
         ws: &mut Workspace,
         n: usize,
         sparse: Option<SparseBatch<'_>>,
-        mut update: Option<AdamUpdate<'_>>,
+        check_finite: bool,
     ) -> Result<f64, String> {
         debug_assert_eq!(grads.len(), self.params.len());
         self.reconstruction_loss(ws, n, true);
         let loss = ws.bce[..n].iter().sum::<f64>() + ws.kl[..n].iter().sum::<f64>();
-        if update.is_some() && !loss.is_finite() {
-            return Err(format!(
-                "the loss is {loss}; the weights are those of the last finite step"
-            ));
+        if check_finite && !loss.is_finite() {
+            return Err(format!("the loss is {loss}"));
         }
         let act = self.act();
         let layout = &self.layout;
-        let params = &mut self.params;
-        // Apply Adam to one layer's range once its gradient is final.
-        let mut step =
-            |l: &LinearLayout, params: &mut [f32], grads: &[f32]| -> Result<(), String> {
-                if let Some(u) = update.as_mut() {
-                    let r = l.weight.start..l.bias.end;
-                    let finite = adam_update_finite(
-                        &mut params[r.clone()],
-                        &grads[r.clone()],
-                        &mut u.m[r.clone()],
-                        &mut u.v[r],
-                        u.t,
-                        u.cfg,
-                    );
-                    if !finite {
-                        return Err("a gradient is not finite (the step stopped part way; \
-                                    the weights stay finite)"
-                            .into());
-                    }
-                }
-                Ok(())
-            };
+        let params = &self.params;
+        let check = |l: &LinearLayout, grads: &[f32]| -> Result<(), String> {
+            if check_finite && !all_finite(&grads[l.weight.start..l.bias.end]) {
+                return Err("a gradient is not finite".into());
+            }
+            Ok(())
+        };
 
         // Decoder, last layer first. dout of layer j is the logits' gradient for the last
         // layer and ddec[j] (made pre-activation) for the others.
@@ -264,7 +244,7 @@ impl Vae {
                 )
             };
             linear_backward(Some(dinp), dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
-            step(l, params, grads)?;
+            check(l, grads)?;
         }
 
         let z = self.config.latent_dim;
@@ -293,7 +273,7 @@ impl Vae {
             };
             let dout = &ws.dhead[..n * h.out_dim];
             linear_backward(dinp, dw, db, dout, inp, w, n, h.in_dim, h.out_dim);
-            step(h, params, grads)?;
+            check(h, grads)?;
         }
         for i in (0..enc_layers.len()).rev() {
             let l = &enc_layers[i];
@@ -319,16 +299,8 @@ impl Vae {
                 };
                 linear_backward(dinp, dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
             }
-            step(l, params, grads)?;
+            check(l, grads)?;
         }
         Ok(loss)
     }
-}
-
-/// Adam's moments and settings for the step being taken (t already advanced).
-pub struct AdamUpdate<'a> {
-    pub m: &'a mut [f32],
-    pub v: &'a mut [f32],
-    pub t: u64,
-    pub cfg: AdamConfig,
 }

@@ -74,33 +74,6 @@ pub fn adam_update(
         .for_each(|(((p, g), m), v)| adam_chunk(p, g, m, v, k));
 }
 
-/// `adam_update`, except that a chunk whose gradient holds a NaN or infinity is left as it
-/// is; returns false if any was. Each chunk is checked just before its update, while it is
-/// in cache.
-pub fn adam_update_finite(
-    params: &mut [f32],
-    grads: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    t: u64,
-    cfg: AdamConfig,
-) -> bool {
-    let k = AdamKernel::new(t, cfg);
-    params
-        .par_chunks_mut(CHUNK)
-        .zip(grads.par_chunks(CHUNK))
-        .zip(m.par_chunks_mut(CHUNK))
-        .zip(v.par_chunks_mut(CHUNK))
-        .map(|(((p, g), m), v)| {
-            let ok = chunk_finite(g);
-            if ok {
-                adam_chunk(p, g, m, v, k);
-            }
-            ok
-        })
-        .reduce(|| true, |a, b| a & b)
-}
-
 impl AdamKernel {
     fn new(t: u64, cfg: AdamConfig) -> Self {
         debug_assert!(t >= 1);

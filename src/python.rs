@@ -95,16 +95,31 @@ struct PyDataset {
 
 #[pymethods]
 impl PyDataset {
+    /// `sparse`: None picks the first layer's path by density; True or False forces it.
     #[new]
-    fn new(py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let (data, n, d) = copy_rows(x, "x")?;
-        let inner = py.detach(|| Dataset::new(data, n, d)).map_err(to_py)?;
+    #[pyo3(signature = (x, sparse=None, name="x"))]
+    fn new(
+        py: Python<'_>,
+        x: &Bound<'_, PyAny>,
+        sparse: Option<bool>,
+        name: &str,
+    ) -> PyResult<Self> {
+        let (data, n, d) = copy_rows(x, name)?;
+        let inner = py
+            .detach(|| Dataset::with_layout(data, n, d, sparse, name))
+            .map_err(to_py)?;
         Ok(PyDataset { inner })
     }
 
     #[getter]
     fn shape(&self) -> (usize, usize) {
         (self.inner.n, self.inner.d)
+    }
+
+    /// Whether training on this data uses the sparse first layer.
+    #[getter]
+    fn sparse(&self) -> bool {
+        self.inner.sparse.is_some()
     }
 }
 
@@ -482,7 +497,7 @@ impl PyModel {
         n: usize,
         seed: u64,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let z = self.inner.prior_samples(n, seed);
+        let z = self.inner.prior_samples(n, seed).map_err(to_py)?;
         rows_to_py(py, z, n, self.inner.vae.config.latent_dim)
     }
 }
@@ -502,6 +517,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EVAL_CHUNK", EVAL_CHUNK)?;
     m.add("MAX_PARAMS", crate::config::MAX_PARAMS)?;
     m.add("MAX_LR", crate::train::MAX_LR)?;
+    m.add("MAX_WIDTH", crate::config::MAX_WIDTH)?;
     m.add_class::<PyModel>()?;
     m.add_class::<PyDataset>()?;
     m.add_class::<PyEpochRun>()?;

@@ -64,17 +64,17 @@ pub const LANES: usize = 16;
 /// exp(t) for t <= 0 (Cephes expf: t = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial in r,
 /// times 2^n). Below -87.3 it returns exp(-87.3), about 1e-38, where 1 + e == 1 anyway.
 #[inline(always)]
-pub fn exp_nonpositive(t: f32) -> f32 {
+pub fn exp_nonpositive<const FMA: bool>(t: f32) -> f32 {
     let t = t.max(-87.3);
     let n = (t * std::f32::consts::LOG2_E).round();
-    let r = t - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let r = fmadd::<FMA>(n, 2.121_944_4e-4, fmadd::<FMA>(n, -0.693_359_4, t));
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    p = fmadd::<FMA>(p, r, 1.398_199_9e-3);
+    p = fmadd::<FMA>(p, r, 8.333_452e-3);
+    p = fmadd::<FMA>(p, r, 4.166_579_6e-2);
+    p = fmadd::<FMA>(p, r, 0.166_666_65);
+    p = fmadd::<FMA>(p, r, 0.5);
+    let y = fmadd::<FMA>(p * r, r, r) + 1.0;
     // 2^n by building the exponent field; n is in [-126, 0].
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -82,24 +82,24 @@ pub fn exp_nonpositive(t: f32) -> f32 {
 /// log(1 + e) for e in [0, 1] (Cephes logf on m = 1 + e, or m = (1 + e) / 2 above sqrt 2,
 /// with f = m - 1 formed exactly from e).
 #[inline(always)]
-pub fn log1p_unit(e: f32) -> f32 {
+pub fn log1p_unit<const FMA: bool>(e: f32) -> f32 {
     let high = e > std::f32::consts::SQRT_2 - 1.0;
     let f = if high { (e - 1.0) * 0.5 } else { e };
     let k = if high { 1.0 } else { 0.0 };
     let z = f * f;
     let mut p = 7.037_683_6e-2_f32;
-    p = p * f - 0.115_146_1;
-    p = p * f + 0.116_769_98;
-    p = p * f - 0.124_201_41;
-    p = p * f + 0.142_493_23;
-    p = p * f - 0.166_680_57;
-    p = p * f + 0.200_007_15;
-    p = p * f - 0.249_999_94;
-    p = p * f + 0.333_333_3;
+    p = fmadd::<FMA>(p, f, -0.115_146_1);
+    p = fmadd::<FMA>(p, f, 0.116_769_98);
+    p = fmadd::<FMA>(p, f, -0.124_201_41);
+    p = fmadd::<FMA>(p, f, 0.142_493_23);
+    p = fmadd::<FMA>(p, f, -0.166_680_57);
+    p = fmadd::<FMA>(p, f, 0.200_007_15);
+    p = fmadd::<FMA>(p, f, -0.249_999_94);
+    p = fmadd::<FMA>(p, f, 0.333_333_3);
     let mut y = p * f * z;
-    y += -2.121_944_4e-4 * k;
-    y += -0.5 * z;
-    f + y + 0.693_359_4 * k
+    y = fmadd::<FMA>(-2.121_944_4e-4, k, y);
+    y = fmadd::<FMA>(-0.5, z, y);
+    fmadd::<FMA>(0.693_359_4, k, f + y)
 }
 
 #[cfg(test)]
@@ -107,18 +107,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fused_variants_match() {
+        for i in 0..=10_000 {
+            let t = -(i as f32) * 87.0 / 10_000.0;
+            let (a, b) = (exp_nonpositive::<false>(t), exp_nonpositive::<true>(t));
+            assert!(((a - b) / a).abs() < 3e-7, "exp({t}): {a} vs {b}");
+            let e = i as f32 / 10_000.0;
+            let (a, b) = (log1p_unit::<false>(e), log1p_unit::<true>(e));
+            assert!(
+                (a - b).abs() <= 3e-7 * a.max(1e-30),
+                "log1p({e}): {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
     fn exp_matches_libm() {
         let mut worst = 0.0f64;
         for i in 0..=200_000 {
             let t = -(i as f32) * 87.0 / 200_000.0;
             let want = (t as f64).exp();
-            let rel = ((exp_nonpositive(t) as f64 - want) / want).abs();
+            let rel = ((exp_nonpositive::<false>(t) as f64 - want) / want).abs();
             worst = worst.max(rel);
         }
         assert!(worst < 4e-7, "max relative error {worst}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert!(exp_nonpositive(-1000.0) < 1e-37);
-        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+        assert_eq!(exp_nonpositive::<false>(0.0), 1.0);
+        assert!(exp_nonpositive::<false>(-1000.0) < 1e-37);
+        assert!(exp_nonpositive::<false>(f32::NEG_INFINITY) < 1e-37);
     }
 
     #[test]
@@ -127,7 +142,7 @@ mod tests {
         for i in 0..=200_000 {
             let e = i as f32 / 200_000.0;
             let want = (e as f64).ln_1p();
-            let got = log1p_unit(e) as f64;
+            let got = log1p_unit::<false>(e) as f64;
             let err = if want > 0.0 {
                 ((got - want) / want).abs()
             } else {
@@ -136,6 +151,8 @@ mod tests {
             worst = worst.max(err);
         }
         assert!(worst < 4e-7, "max relative error {worst}");
-        assert!(log1p_unit(1e-30) > 0.0 && (log1p_unit(1e-30) - 1e-30).abs() < 1e-36);
+        assert!(
+            log1p_unit::<false>(1e-30) > 0.0 && (log1p_unit::<false>(1e-30) - 1e-30).abs() < 1e-36
+        );
     }
 }

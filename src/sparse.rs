@@ -9,7 +9,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use crate::config::Activation;
-use crate::layers::{for_rows, matmul, Layout};
+use crate::layers::{bias_activation, for_rows, matmul, matmul_on, product_threads, Layout};
 use crate::simd::{dispatch, fmadd};
 use rayon::prelude::*;
 
@@ -25,10 +25,11 @@ pub struct SparseRows {
 }
 
 impl SparseRows {
-    /// Index the nonzeros of data (n, d), or None when the data are too dense to gain.
-    pub fn build(data: &[f32], n: usize, d: usize) -> Option<Self> {
+    /// Index the nonzeros of data (n, d), or None when more than `max_density` of the values
+    /// are nonzero.
+    pub fn build(data: &[f32], n: usize, d: usize, max_density: f64) -> Option<Self> {
         let nnz: usize = data.par_iter().filter(|&&v| v != 0.0).count();
-        if n == 0 || nnz as f64 > MAX_DENSITY * (n * d) as f64 {
+        if n == 0 || nnz as f64 > max_density * (n * d) as f64 {
             return None;
         }
         let mut offsets = Vec::with_capacity(n + 1);
@@ -182,11 +183,22 @@ pub fn first_layer_forward(
             activate(row, act);
         }),
         None => {
-            matmul(out, x, Layout::Normal, wt, Layout::Normal, b, i, o);
-            for_rows(out, o, |_, row| {
-                row.iter_mut().zip(bias).for_each(|(v, c)| *v += c);
-                activate(row, act);
-            });
+            let epi = |row: &mut [f32], c0: usize| {
+                bias_activation(row, &bias[c0..c0 + row.len()], Some(act))
+            };
+            let parts = product_threads(b, i, o);
+            matmul_on(
+                parts,
+                out,
+                x,
+                Layout::Normal,
+                wt,
+                Layout::Normal,
+                b,
+                i,
+                o,
+                Some(&epi),
+            );
         }
     }
 }
@@ -274,7 +286,7 @@ mod tests {
         let wt: Vec<f32> = (0..i * o).map(|k| h(k, 3) - 0.5).collect();
         let bias: Vec<f32> = (0..o).map(|k| h(k, 4) - 0.5).collect();
         let dout: Vec<f32> = (0..n * o).map(|k| h(k, 5) - 0.5).collect();
-        let sp = SparseRows::build(&x, n, i).expect("sparse enough");
+        let sp = SparseRows::build(&x, n, i, MAX_DENSITY).expect("sparse enough");
         let rows: Vec<u32> = (0..n as u32).collect();
         let sb = SparseBatch {
             data: &sp,

@@ -7,10 +7,11 @@
 use crate::config::Config;
 use crate::error::{Result, VaeError};
 use crate::layers::for_rows;
-use crate::model::{AdamUpdate, Vae, Workspace};
-use crate::optim::{AdamConfig, AdamState};
+use crate::model::{Vae, Workspace};
+use crate::optim::{adam_update, AdamConfig, AdamState};
 use crate::rng::{binarize, fill_normal, permutation, stream, Purpose};
-use crate::sparse::{SparseBatch, SparseRows};
+use crate::simd::{dispatch, LANES};
+use crate::sparse::{SparseBatch, SparseRows, MAX_DENSITY};
 use rayon::prelude::*;
 
 /// Rows per inference chunk; evaluation noise is keyed by chunk, so this fixes the results.
@@ -28,11 +29,25 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Checks every value is finite and in [0, 1]; the error names the first bad entry.
+    /// Checks every value is finite and in [0, 1]; the error names the first bad entry. The
+    /// sparse first layer is used when the data are sparse enough.
     pub fn new(data: Vec<f32>, n: usize, d: usize) -> Result<Self> {
+        Self::with_layout(data, n, d, None, "x")
+    }
+
+    /// As `new`, with the first layer's path chosen: `Some(true)` sparse, `Some(false)` dense,
+    /// `None` by density. Both give the same results up to float rounding.
+    /// `name` is the argument's name in error messages.
+    pub fn with_layout(
+        data: Vec<f32>,
+        n: usize,
+        d: usize,
+        sparse: Option<bool>,
+        name: &str,
+    ) -> Result<Self> {
         if n == 0 || d == 0 {
             return Err(VaeError::Input(format!(
-                "empty input: got shape ({n}, {d}), need at least one row and one column"
+                "{name} is empty: got shape ({n}, {d}), need at least one row and one column"
             )));
         }
         if data.len() != n * d {
@@ -41,9 +56,17 @@ impl Dataset {
                 data.len()
             )));
         }
+        // A vectorized pass per chunk; the slow search for the position only on failure.
         let bad = data
-            .par_iter()
-            .position_first(|v| !(*v >= 0.0 && *v <= 1.0));
+            .par_chunks(1 << 16)
+            .position_first(|c| !unit_interval(c))
+            .and_then(|c| {
+                let base = c << 16;
+                data[base..(base + (1 << 16)).min(data.len())]
+                    .iter()
+                    .position(|v| !(*v >= 0.0 && *v <= 1.0))
+                    .map(|i| base + i)
+            });
         if let Some(i) = bad {
             let v = data[i];
             let what = if v.is_nan() {
@@ -54,15 +77,34 @@ impl Dataset {
                 format!("{v}, outside [0, 1]")
             };
             return Err(VaeError::Input(format!(
-                "x[{}, {}] is {what}; inputs must be finite intensities in [0, 1]",
+                "{name}[{}, {}] is {what}; inputs must be finite intensities in [0, 1]",
                 i / d,
                 i % d
             )));
         }
-        let sparse = SparseRows::build(&data, n, d);
+        let sparse = match sparse {
+            None => SparseRows::build(&data, n, d, MAX_DENSITY),
+            Some(true) => SparseRows::build(&data, n, d, 1.0),
+            Some(false) => None,
+        };
         Ok(Dataset { data, n, d, sparse })
     }
 }
+
+/// True when every value is in [0, 1] (false for NaN).
+#[inline(always)]
+fn unit_interval_generic(values: &[f32]) -> bool {
+    let mut ok = [true; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for c in &mut chunks {
+        for k in 0..LANES {
+            ok[k] &= c[k] >= 0.0 && c[k] <= 1.0;
+        }
+    }
+    ok.iter().all(|&o| o) && chunks.remainder().iter().all(|v| *v >= 0.0 && *v <= 1.0)
+}
+
+dispatch!(fn unit_interval(values: &[f32]) -> bool = unit_interval_generic);
 
 /// A model with everything training needs: weights, Adam state, counters and a thread pool.
 pub struct Model {
@@ -294,7 +336,7 @@ impl Model {
             .map(|data| SparseBatch { data, rows: &rows });
         let loss = self.pool.install(|| {
             vae.forward(&mut ws, x.n, sparse);
-            vae.loss_backward(&mut grads, &mut ws, x.n, sparse, None)
+            vae.loss_backward(&mut grads, &mut ws, x.n, sparse, false)
         });
         Ok((loss.expect("only an update checks finiteness"), grads))
     }
@@ -405,7 +447,7 @@ impl Model {
             )));
         }
         let n_all = z.len() / zdim;
-        let mut out = vec![0.0; n_all * d];
+        let mut out = vec![0.0; output_len(n_all, d)?];
         let mut ws = Workspace::new(&self.vae.config, EVAL_CHUNK.min(n_all), false);
         self.pool.install(|| {
             for lo in (0..n_all).step_by(EVAL_CHUNK) {
@@ -423,16 +465,18 @@ impl Model {
     }
 
     /// n draws z ~ N(0, I) (n, Z), keyed by seed.
-    pub fn prior_samples(&self, n: usize, seed: u64) -> Vec<f32> {
-        let mut z = vec![0.0; n * self.vae.config.latent_dim];
+    pub fn prior_samples(&self, n: usize, seed: u64) -> Result<Vec<f32>> {
+        let len = output_len(n, self.vae.config.latent_dim.max(self.vae.config.input_dim))
+            .map(|_| n * self.vae.config.latent_dim)?;
+        let mut z = vec![0.0; len];
         fill_normal(&mut stream(seed, Purpose::Prior, 0), &mut z);
-        z
+        Ok(z)
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-/// One step on the batch in ws.x with the noise in ws.eps: forward, backward and Adam fused
-/// per layer. On a non-finite loss no weight moves; the error names the epoch and step.
+/// One step on the batch in ws.x with the noise in ws.eps: forward, backward, Adam. On a
+/// non-finite loss or gradient no weight moves; the error names the epoch and step.
 fn train_step(
     vae: &mut Vae,
     grads: &mut [f32],
@@ -445,21 +489,29 @@ fn train_step(
 ) -> Result<f64> {
     vae.forward(ws, n, sparse);
     let step = adam.t + 1;
-    let update = AdamUpdate {
-        m: &mut adam.m,
-        v: &mut adam.v,
-        t: step,
-        cfg,
-    };
     let loss = vae
-        .loss_backward(grads, ws, n, sparse, Some(update))
+        .loss_backward(grads, ws, n, sparse, true)
         .map_err(|what| VaeError::NonFinite {
             epoch: epoch + 1,
             step,
             what,
         })?;
+    adam_update(&mut vae.params, grads, &mut adam.m, &mut adam.v, step, cfg);
     adam.t = step;
     Ok(loss)
+}
+
+/// Largest array the core returns, in elements (4 GiB of f32).
+pub const MAX_OUTPUT: usize = 1 << 30;
+
+/// n * width, when it is a size the core agrees to allocate.
+pub fn output_len(n: usize, width: usize) -> Result<usize> {
+    match n.checked_mul(width) {
+        Some(len) if len <= MAX_OUTPUT => Ok(len),
+        _ => Err(VaeError::Input(format!(
+            "{n} rows of {width} values is more than the {MAX_OUTPUT} values fastvae returns at once; ask for fewer rows"
+        ))),
+    }
 }
 
 /// x (B, D) = the data rows named by `rows`.

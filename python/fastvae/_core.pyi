@@ -11,6 +11,7 @@ __all__ = [
     "EVAL_CHUNK",
     "MAX_PARAMS",
     "MAX_LR",
+    "MAX_WIDTH",
     "Model",
     "Dataset",
     "EpochRun",
@@ -26,6 +27,7 @@ __version__: str
 EVAL_CHUNK: int
 MAX_PARAMS: int
 MAX_LR: float
+MAX_WIDTH: int
 
 class FastVAEError(ValueError):
     """Base class of fastvae's errors; a ValueError."""
@@ -49,9 +51,19 @@ def default_threads() -> int:
 class Dataset:
     """Rows in [0, 1] copied into memory the core owns, validated once."""
 
-    def __new__(cls, x: NDArray[np.float32] | NDArray[np.float64]) -> Dataset: ...
+    def __new__(
+        cls,
+        x: NDArray[np.float32] | NDArray[np.float64],
+        sparse: bool | None = None,
+        name: str = "x",
+    ) -> Dataset:
+        """`sparse`: None picks the first layer's path by density; True or False forces it.
+        `name` is the argument's name in error messages."""
     @property
     def shape(self) -> tuple[int, int]: ...
+    @property
+    def sparse(self) -> bool:
+        """Whether training on this data uses the sparse first layer."""
 
 @final
 class EpochRun:

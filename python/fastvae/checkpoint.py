@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from . import _core
 from .errors import CheckpointError
+from .model import HISTORY_KEYS
 
 if TYPE_CHECKING:
     from .model import VAE
 
 __all__ = ["load", "save"]
-
-_HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "samples_per_sec", "seconds")
 
 
 def save(vae: VAE, path: str | os.PathLike[str], include_optimizer: bool) -> None:
@@ -28,16 +27,16 @@ def save(vae: VAE, path: str | os.PathLike[str], include_optimizer: bool) -> Non
 
 
 def _history(raw: str | None) -> dict[str, list[Any]]:
-    empty: dict[str, list[Any]] = {k: [] for k in _HISTORY_KEYS}
+    empty: dict[str, list[Any]] = {k: [] for k in HISTORY_KEYS}
     if raw is None:
         return empty
     try:
         h = json.loads(raw)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"the file's training history is not valid JSON: {e}") from e
-    if not isinstance(h, dict) or not all(isinstance(h.get(k), list) for k in _HISTORY_KEYS):
+    if not isinstance(h, dict) or not all(isinstance(h.get(k), list) for k in HISTORY_KEYS):
         raise CheckpointError("the file's training history has an unexpected layout")
-    return {k: list(h[k]) for k in _HISTORY_KEYS}
+    return {k: list(h[k]) for k in HISTORY_KEYS}
 
 
 def load(cls: type[VAE], path: str | os.PathLike[str], threads: int | None) -> VAE:
@@ -49,6 +48,10 @@ def load(cls: type[VAE], path: str | os.PathLike[str], threads: int | None) -> V
     model, extra, _ = _core.Model.load(path, n_threads)
     input_dim, hidden, latent_dim, activation, seed = model.config
     vae = cls(input_dim, tuple(hidden), latent_dim, activation, seed, threads)
-    vae.model_ = model
-    vae.history_ = _history(extra.get("history"))
+    try:
+        history = _history(extra.get("history"))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    vae._adopt(model)
+    vae.history_ = history
     return vae

@@ -23,18 +23,30 @@ from .errors import ConfigError, InputError
 
 __all__ = ["VAE"]
 
+_MAX_WIDTH = _core.MAX_WIDTH
+# Per-epoch records in `history_`.
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "samples_per_sec", "seconds")
+
 _PARAM_NAMES = ("input_dim", "hidden_dims", "latent_dim", "activation", "seed", "threads")
 # Target seconds per call into the core while training: short enough that Ctrl-C and the
 # progress bar answer promptly, long enough that the call overhead is negligible.
 _SLICE_SECONDS = 0.1
 
 
-def _positive_int(name: str, value: Any) -> int:
+# Bounds that keep every count inside the core's integer types with room to spare; the core
+# has its own, tighter, limits on model size (MAX_PARAMS) and returned arrays.
+_MAX_COUNT = 2**40
+
+
+def _positive_int(name: str, value: Any, maximum: int = _MAX_COUNT) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    value = int(value)
     if value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value}")
-    return int(value)
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
+    return value
 
 
 def _seed(name: str, value: Any) -> int:
@@ -120,7 +132,8 @@ class VAE:
         self.activation = activation
         self.seed = seed
         self.threads = threads
-        self._lock = threading.Lock()
+        # One call at a time per model: a second thread waits rather than racing the core.
+        self._lock = threading.RLock()
 
     # -- scikit-learn conventions -------------------------------------------------------
 
@@ -149,13 +162,16 @@ class VAE:
     # -- construction ---------------------------------------------------------------------
 
     def _checked_config(self) -> tuple[int, list[int], int, str, int, int]:
-        input_dim = _positive_int("input_dim", self.input_dim)
+        input_dim = _positive_int("input_dim", self.input_dim, _MAX_WIDTH)
         if isinstance(self.hidden_dims, (str, bytes)) or not isinstance(self.hidden_dims, Sequence):
             raise ConfigError(
                 f"hidden_dims must be a sequence of positive integers, got {self.hidden_dims!r}"
             )
-        hidden = [_positive_int(f"hidden_dims[{i}]", h) for i, h in enumerate(self.hidden_dims)]
-        latent_dim = _positive_int("latent_dim", self.latent_dim)
+        hidden = [
+            _positive_int(f"hidden_dims[{i}]", h, _MAX_WIDTH)
+            for i, h in enumerate(self.hidden_dims)
+        ]
+        latent_dim = _positive_int("latent_dim", self.latent_dim, _MAX_WIDTH)
         if self.activation not in ("relu", "tanh"):
             raise ConfigError(f"activation must be 'relu' or 'tanh', got {self.activation!r}")
         seed = _seed("seed", self.seed)
@@ -171,20 +187,18 @@ class VAE:
                     ) from None
             else:
                 threads = _core.default_threads()
-        threads = _positive_int("threads", threads)
+        threads = _positive_int("threads", threads, 1024)
         return input_dim, hidden, latent_dim, str(self.activation), seed, threads
 
     def _ensure_model(self) -> _core.Model:
         if not hasattr(self, "model_"):
-            self.model_ = _core.Model(*self._checked_config())
-            self.history_: dict[str, list[Any]] = {
-                "epoch": [],
-                "train_loss": [],
-                "val_loss": [],
-                "samples_per_sec": [],
-                "seconds": [],
-            }
+            self._adopt(_core.Model(*self._checked_config()))
         return self.model_
+
+    def _adopt(self, model: _core.Model) -> None:
+        """Make `model` this VAE's fitted state, with an empty history."""
+        self.model_ = model
+        self.history_: dict[str, list[Any]] = {k: [] for k in HISTORY_KEYS}
 
     def _fitted(self) -> _core.Model:
         if not hasattr(self, "model_"):
@@ -192,9 +206,9 @@ class VAE:
         return self.model_
 
     def _dataset(self, x: Any, name: str = "x") -> _core.Dataset:
-        input_dim = _positive_int("input_dim", self.input_dim)
+        input_dim = _positive_int("input_dim", self.input_dim, _MAX_WIDTH)
         arr = _float_rows(x, name, input_dim, "intensities in [0, 1]")
-        return _core.Dataset(arr)
+        return _core.Dataset(arr, name=name)
 
     # -- training -------------------------------------------------------------------------
 
@@ -243,7 +257,7 @@ class VAE:
             last finite step.
         """
         epochs = _positive_int("epochs", epochs)
-        batch_size = _positive_int("batch_size", batch_size)
+        batch_size = _positive_int("batch_size", batch_size, 2**31)
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
             raise ConfigError(f"lr must be a positive number, got {lr!r}")
         if not (math.isfinite(lr) and 0 < lr <= _core.MAX_LR):
@@ -259,16 +273,12 @@ class VAE:
                     raise InputError("validation_data is an empty tuple")
                 validation_data = validation_data[0]
             val = self._dataset(validation_data, "validation_data")
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("this VAE is being used by another thread")
-        try:
+        with self._lock:
             model = self._ensure_model()
             for _ in range(epochs):
                 self._fit_epoch(
                     model, data, val, batch_size, float(lr), progress, binarize == "dynamic"
                 )
-        finally:
-            self._lock.release()
         return self
 
     def _fit_epoch(
@@ -322,9 +332,9 @@ class VAE:
 
     def encode(self, x: ArrayLike) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """Mean and log-variance of q(z|x), each float32 of shape (n, latent_dim)."""
-        model = self._fitted()
-        mu, logvar = model.encode(self._dataset(x))
-        return mu, logvar
+        data = self._dataset(x)
+        with self._lock:
+            return self._fitted().encode(data)
 
     def transform(self, x: ArrayLike) -> NDArray[np.float32]:
         """Latent means, shape (n, latent_dim): the VAE as a Pipeline transformer."""
@@ -336,9 +346,9 @@ class VAE:
 
     def decode(self, z: ArrayLike) -> NDArray[np.float32]:
         """Pixel probabilities p(x|z), shape (n, input_dim), for latent codes z (n, latent_dim)."""
-        model = self._fitted()
         arr = _float_rows(z, "z", _positive_int("latent_dim", self.latent_dim), "latent codes")
-        return model.decode(arr)
+        with self._lock:
+            return self._fitted().decode(arr)
 
     def reconstruct(self, x: ArrayLike) -> NDArray[np.float32]:
         """Decode the latent mean of each row of x: probabilities of shape (n, input_dim)."""
@@ -346,10 +356,11 @@ class VAE:
 
     def sample(self, n: int, seed: int | None = None) -> NDArray[np.float32]:
         """Decode n draws from the prior z ~ N(0, I); probabilities of shape (n, input_dim)."""
-        model = self._fitted()
         n = _positive_int("n", n)
         seed = _fresh_seed() if seed is None else _seed("seed", seed)
-        return model.decode(model.prior_samples(n, seed))
+        with self._lock:
+            model = self._fitted()
+            return model.decode(model.prior_samples(n, seed))
 
     def elbo(self, x: ArrayLike, seed: int | None = None) -> NDArray[np.float64]:
         """Per-example evidence lower bound log p(x|z) - KL(q(z|x) || p(z)), one z sample each.
@@ -357,9 +368,10 @@ class VAE:
         float64 of shape (n,), in nats; higher is better. With seed None the noise comes from a
         fixed seed, so repeated calls, and models with equal weights, agree.
         """
-        model = self._fitted()
+        seed = self._EVAL_SEED if seed is None else _seed("seed", seed)
         data = self._dataset(x)
-        return model.elbo(data, self._EVAL_SEED if seed is None else _seed("seed", seed))
+        with self._lock:
+            return self._fitted().elbo(data, seed)
 
     def log_likelihood(
         self, x: ArrayLike, k: int = 5000, seed: int | None = None, progress: bool = False
@@ -376,15 +388,15 @@ class VAE:
         """
         from .progress import progress_bar
 
-        model = self._fitted()
-        k = _positive_int("k", k)
+        k = _positive_int("k", k, 2**24)
         seed = self._EVAL_SEED if seed is None else _seed("seed", seed)
         data = self._dataset(x)
         n = data.shape[0]
         # About 64K decoder rows per call: a fraction of a second between interrupt checks.
         step = max(1, 65536 // k)
         out = np.empty(n, dtype=np.float64)
-        with progress_bar(n, f"log-likelihood (k={k})", progress, "image") as bar:
+        with self._lock, progress_bar(n, f"log-likelihood (k={k})", progress, "image") as bar:
+            model = self._fitted()
             for start in range(0, n, step):
                 end = min(n, start + step)
                 out[start:end] = model.log_likelihood(data, start, end, k, seed)
@@ -401,7 +413,8 @@ class VAE:
         """Copies of the weights, named and shaped as the state_dict of the equivalent PyTorch
         module (ModuleLists ``encoder`` and ``decoder`` of nn.Linear, and nn.Linear ``fc_mu``,
         ``fc_logvar``); weights are (out, in)."""
-        return dict(self._fitted().weights())
+        with self._lock:
+            return dict(self._fitted().weights())
 
     def set_weights(self, weights: dict[str, ArrayLike]) -> VAE:
         """Replace every weight from a dict shaped as ``weights()``; all or nothing."""
@@ -413,8 +426,14 @@ class VAE:
             if arr.dtype.kind != "f":
                 raise InputError(f"weights[{k!r}] must be floating point, got dtype {arr.dtype}")
             arrays[k] = np.ascontiguousarray(arr, dtype=np.float32)
-        model = self._ensure_model()
-        model.set_weights(arrays)
+        with self._lock:
+            if hasattr(self, "model_"):
+                self.model_.set_weights(arrays)
+            else:
+                # Build aside and keep only on success: a rejected call leaves no model behind.
+                model = _core.Model(*self._checked_config())
+                model.set_weights(arrays)
+                self._adopt(model)
         return self
 
     def save(self, path: str | os.PathLike[str], include_optimizer: bool = True) -> None:
@@ -425,7 +444,8 @@ class VAE:
         """
         from .checkpoint import save
 
-        save(self, path, include_optimizer)
+        with self._lock:
+            save(self, path, include_optimizer)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], threads: int | None = None) -> VAE:
