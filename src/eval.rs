@@ -43,8 +43,9 @@ impl LogSumExp {
 
 impl Model {
     /// The k-sample importance-weighted log-likelihood of rows [start, end) of `data`, in nats,
-    /// into `out`. Example e's noise is keyed by (seed, e), so results do not depend on how a
-    /// caller slices the rows.
+    /// into `out`. Example e's noise is keyed by (seed, e), so a caller may compute the rows in
+    /// slices; when k is below `PASS_ROWS`, how examples share a decoder pass (and so the
+    /// rounding of the products) depends on the slice, at the 1e-7 relative level.
     pub fn log_likelihood_rows(
         &self,
         data: &Dataset,
@@ -155,7 +156,7 @@ mod tests {
     }
 
     #[test]
-    fn slicing_and_pass_size_do_not_change_results() {
+    fn slicing_changes_results_only_by_rounding() {
         let (model, data) = model_and_data();
         for k in [1, 3, 1000, 2500] {
             let mut whole = vec![0.0; 7];
@@ -170,7 +171,7 @@ mod tests {
                 .log_likelihood_rows(&data, 3, 7, k, 9, &mut parts[3..])
                 .unwrap();
             for (a, b) in whole.iter().zip(&parts) {
-                assert!((a - b).abs() < 1e-9, "k={k}: {a} vs {b}");
+                assert!((a - b).abs() <= 1e-6 * a.abs(), "k={k}: {a} vs {b}");
             }
             assert!(whole.iter().all(|v| v.is_finite() && *v < 0.0));
         }

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import numpy_vae as nv
 import pytest
 from PIL import Image
 
@@ -95,3 +96,141 @@ def test_train_writes_model_metrics_pictures_and_resumes(mnist_dir: Path, tmp_pa
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# -- eval, sample, plot ------------------------------------------------------------------------
+
+SUBCOMMAND_FLAGS = {
+    "train": ["--binarize"],
+    "eval": ["--data", "--k", "--binarize", "--limit", "--threads", "--seed", "--json"]
+    + ["--no-progress"],
+    "sample": ["--n", "--seed", "--out", "--threads"],
+    "plot": ["--data", "--out", "--seed", "--threads"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMAND_FLAGS))
+def test_subcommand_help_lists_every_flag(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in SUBCOMMAND_FLAGS[command]:
+        assert flag in text, flag
+    if command != "train":
+        assert "MODEL" in text
+
+
+@pytest.fixture(scope="module")
+def run2(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 784-32-2 model trained for one epoch by `fastvae train`: its output directory."""
+    out = tmp_path_factory.mktemp("run2")
+    args = ["train", "--data", str(mnist_dir), "--out", str(out), "--hidden-dims", "32"]
+    args += ["--latent-dim", "2", "--epochs", "1", "--threads", "2", "--no-progress"]
+    assert main(args) == 0
+    return out
+
+
+PICTURES = ["reconstructions.png", "samples.png", "latent_map.png", "interpolations.png"]
+
+
+def test_latent_2_train_writes_latent_map_and_manifold(run2: Path) -> None:
+    expected = ["model.safetensors", "metrics.jsonl", *PICTURES, "manifold.png", "loss_curve.png"]
+    assert sorted(p.name for p in run2.iterdir()) == sorted(expected)  # no temporary files
+    for name in ["latent_map.png", "manifold.png", "interpolations.png"]:
+        with Image.open(run2 / name) as img:
+            assert img.format == "PNG" and img.width > 400 and img.height > 400
+            assert np.asarray(img.convert("L"), dtype=np.float32).std() > 10
+
+
+def test_eval_prints_elbo_and_log_likelihood(
+    run2: Path, mnist_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = str(run2 / "model.safetensors")
+    common = ["eval", model, "--data", str(mnist_dir), "--limit", "300", "--threads", "2"]
+    assert main([*common, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "ELBO" in text and "300 images" in text and "importance" not in text
+
+    assert main([*common, "--k", "20", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == 300 and result["k"] == 20 and result["binarize"] == "none"
+    assert result["loss"] == pytest.approx(-result["elbo"])
+    assert -250 < result["elbo"] < -100
+    # The k-sample bound is tighter than the ELBO on average.
+    assert result["log_likelihood"] > result["elbo"]
+    vae = VAE.load(model)
+    x = fastvae.datasets.load_mnist("test", root=mnist_dir)[0][:300]
+    assert result["elbo"] == pytest.approx(float(vae.elbo(x, seed=0).mean()), rel=1e-12)
+    assert result["log_likelihood"] == pytest.approx(
+        float(vae.log_likelihood(x, k=20, seed=0).mean()), rel=1e-12
+    )
+
+    assert main([*common, "--json", "--binarize", "fixed", "--seed", "5"]) == 0
+    fixed = json.loads(capsys.readouterr().out)
+    assert fixed["binarize"] == "fixed" and fixed["log_likelihood"] is None
+    xb = fastvae.datasets.binarize(fastvae.datasets.load_mnist("test", root=mnist_dir)[0])[:300]
+    assert fixed["elbo"] == pytest.approx(float(vae.elbo(xb, seed=5).mean()), rel=1e-12)
+
+
+def test_sample_writes_a_grid(run2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.png"
+    assert main(["sample", str(run2 / "model.safetensors"), "--n", "10", "--out", str(out)]) == 0
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.mode == "L"
+        assert img.size == ((4 * 30 + 2) * 2, (3 * 30 + 2) * 2)  # 3 x 4 grid of 28 px, 2x
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]
+    r = run_cli("sample", str(run2 / "model.safetensors"), "--out", str(tmp_path / "s.jpg"))
+    assert r.returncode == 2 and "fastvae: error: --out must name a .png file" in r.stderr
+
+
+def test_plot_writes_every_picture(run2: Path, mnist_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pics"
+    model = str(run2 / "model.safetensors")
+    assert main(["plot", model, "--data", str(mnist_dir), "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([*PICTURES, "manifold.png", "loss_curve.png"])
+    for name in names:
+        with Image.open(out / name) as img:
+            assert img.format == "PNG"
+            assert np.asarray(img.convert("L"), dtype=np.float32).std() > 5, name
+
+
+def test_plot_skips_the_loss_curve_without_history(
+    run2: Path, mnist_dir: Path, tmp_path: Path
+) -> None:
+    """A model saved from set_weights has no history; latent_dim 3: no manifold."""
+    vae = VAE(hidden_dims=(8,), latent_dim=3, threads=2)
+    vae.set_weights(nv.init_weights(784, (8,), 3, np.random.default_rng(0)))
+    model = tmp_path / "m.safetensors"
+    vae.save(model)
+    assert main(["plot", str(model), "--data", str(mnist_dir)]) == 0  # default --out: beside it
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["m.safetensors", *PICTURES])
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "plot"])
+def test_bad_model_file_is_a_clear_error(command: str, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"this is not a model file" * 10)
+    for path, message in [(corrupt, "corrupt.safetensors"), (tmp_path / "missing", "no model")]:
+        flags = ["--out", str(tmp_path / "s.png")] if command == "sample" else ["--data", "."]
+        r = run_cli(command, str(path), *flags)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("fastvae: error: ") and message in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_train_with_dynamic_binarization(mnist_dir: Path, tmp_path: Path) -> None:
+    """--binarize dynamic trains on Bernoulli draws and reports the loss on the fixed
+    binarized test set."""
+    out = tmp_path / "bin"
+    args = ["train", "--data", str(mnist_dir), "--out", str(out), "--hidden-dims", "16"]
+    args += ["--latent-dim", "4", "--epochs", "1", "--threads", "2", "--no-progress"]
+    assert main([*args, "--binarize", "dynamic"]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text())
+    vae = VAE.load(out / "model.safetensors")
+    x_test = fastvae.datasets.load_mnist("test", root=mnist_dir)[0]
+    fixed = fastvae.datasets.binarize(x_test)
+    assert row["test_loss"] == pytest.approx(-float(vae.elbo(fixed).mean()), rel=1e-9)
+    assert (out / "latent_map.png").exists() and not (out / "manifold.png").exists()

@@ -1,5 +1,6 @@
 """The ``fastvae`` command line: ``fastvae train`` trains on MNIST and writes the model,
-per-epoch metrics and pictures to an output directory."""
+per-epoch metrics and pictures to an output directory; ``eval`` scores a model file on the
+test set, ``sample`` writes prior samples and ``plot`` the pictures of what it learned."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from . import __version__
 from .errors import FastVAEError
+
+if TYPE_CHECKING:
+    from .model import VAE
 
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -60,6 +65,44 @@ def _non_negative_int(text: str) -> int:
     return v
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except empty ones (None, False) and ones the help already explains."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _UsageError(Exception):
+    """A bad combination of arguments found after parsing; reported like argparse errors."""
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        default=None,
+        help="folder with the four MNIST .gz files (default: $FASTVAE_DATA, else a per-user "
+        "cache, downloading missing files)",
+    )
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="worker threads (default: all cores, or $FASTVAE_NUM_THREADS)",
+    )
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=f"a model file, such as DIR/{MODEL_FILE}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastvae",
@@ -67,37 +110,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"fastvae {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = _HelpFormatter
 
     t = sub.add_parser(
         "train",
         help="train a VAE on MNIST and write the model, metrics and pictures",
         description=(
             "Train a VAE on MNIST (the canonical 784-400-20 model by default). Writes to "
-            f"--out: {MODEL_FILE} (after every epoch), {METRICS_FILE}, reconstructions.png, "
-            "samples.png and loss_curve.png."
+            f"--out: {MODEL_FILE} (after every epoch), {METRICS_FILE}, and the pictures of "
+            f"'fastvae plot': {', '.join(PICTURES)}, loss_curve.png ({MANIFOLD} too when "
+            "--latent-dim is 2)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=fmt,
     )
-    t.add_argument(
-        "--data",
-        metavar="DIR",
-        default=None,
-        help="folder with the four MNIST .gz files (default: $FASTVAE_DATA, else a per-user "
-        "cache, downloading missing files)",
-    )
+    _add_data(t)
     t.add_argument("--out", metavar="DIR", default="fastvae-run", help="output directory")
     t.add_argument("--epochs", type=_positive(int), default=10, help="total epochs to train")
     t.add_argument("--batch-size", type=_positive(int), default=128, help="rows per Adam step")
     t.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam learning rate")
     t.add_argument(
-        "--hidden-dims", type=_dims, default=(400,), help="hidden widths, comma separated"
+        "--hidden-dims",
+        type=_dims,
+        default=(400,),
+        help="hidden widths, comma separated, empty for none (default: 400)",
     )
     t.add_argument("--latent-dim", type=_positive(int), default=20, help="latent width Z")
-    t.add_argument("--activation", choices=("relu", "tanh"), default="relu")
-    t.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
     t.add_argument(
-        "--threads", type=_positive(int), default=None, help="worker threads (default: all cores)"
+        "--activation", choices=("relu", "tanh"), default="relu", help="hidden nonlinearity"
     )
+    t.add_argument(
+        "--binarize",
+        choices=("none", "dynamic"),
+        default="none",
+        help="dynamic: train on a fresh Bernoulli draw of every image each epoch and evaluate "
+        "on a fixed binarized test set (binarized MNIST, as papers report); pass it again "
+        "with --resume",
+    )
+    t.add_argument("--seed", metavar="S", type=_non_negative_int, default=0, help="random seed")
+    _add_threads(t)
     t.add_argument(
         "--resume",
         action="store_true",
@@ -106,7 +156,88 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser(
+        "eval",
+        help="score a model on the MNIST test set: ELBO and importance-weighted log p(x)",
+        description=(
+            "Print a model's mean test ELBO per image in nats (one z sample per image; the "
+            "negative of the training loss) and, with --k > 0, the importance-weighted "
+            "estimate of log p(x) with k samples (Burda et al., 2016), a tighter lower bound "
+            "(papers use k=5000)."
+        ),
+        formatter_class=fmt,
+    )
+    _add_model(e)
+    _add_data(e)
+    e.add_argument(
+        "--k",
+        type=_non_negative_int,
+        metavar="K",
+        default=0,
+        help="samples per image for the importance-weighted estimate (0: skip it)",
+    )
+    e.add_argument(
+        "--binarize",
+        choices=("none", "fixed"),
+        default="none",
+        help="fixed: score a fixed Bernoulli draw of the test set (for models trained with "
+        "--binarize dynamic)",
+    )
+    e.add_argument(
+        "--limit",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="score only the first N test images (default: all 10000)",
+    )
+    _add_threads(e)
+    e.add_argument(
+        "--seed", metavar="S", type=_non_negative_int, default=0, help="seed of the noise"
+    )
+    e.add_argument("--json", action="store_true", help="print one JSON object instead")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=_eval)
+
+    s = sub.add_parser(
+        "sample",
+        help="write a grid of images decoded from prior samples",
+        description="Decode N draws z ~ N(0, I) and write them as one PNG grid.",
+        formatter_class=fmt,
+    )
+    _add_model(s)
+    s.add_argument("--n", type=_positive(int), default=64, metavar="N", help="number of samples")
+    s.add_argument(
+        "--seed", metavar="S", type=_non_negative_int, default=0, help="seed of the draws"
+    )
+    s.add_argument("--out", metavar="FILE", default="samples.png", help="PNG file to write")
+    _add_threads(s)
+    s.set_defaults(func=_sample)
+
+    pl = sub.add_parser(
+        "plot",
+        help="write pictures of what a model learned",
+        description=(
+            f"Write {', '.join(PICTURES)} for the MNIST test set, {MANIFOLD} when the model's "
+            "latent_dim is 2, and loss_curve.png when the model file holds a training history."
+        ),
+        formatter_class=fmt,
+    )
+    _add_model(pl)
+    _add_data(pl)
+    pl.add_argument(
+        "--out", metavar="DIR", default=None, help="output directory (default: MODEL's folder)"
+    )
+    pl.add_argument(
+        "--seed", metavar="S", type=_non_negative_int, default=0, help="seed of the samples"
+    )
+    _add_threads(pl)
+    pl.set_defaults(func=_plot)
     return p
+
+
+PICTURES = ("reconstructions.png", "samples.png", "latent_map.png", "interpolations.png")
+MANIFOLD = "manifold.png"
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -135,16 +266,40 @@ def _metrics_lines(history: dict[str, list[Any]]) -> str:
     return "".join(r + "\n" for r in rows)
 
 
+def _load_model(path: str, threads: int | None) -> VAE:
+    from .model import VAE
+
+    if os.path.isdir(path):
+        hint = f"; did you mean {os.path.join(path, MODEL_FILE)}?"
+        hint = hint if os.path.exists(os.path.join(path, MODEL_FILE)) else ""
+        raise _UsageError(f"{path} is a directory, not a model file{hint}")
+    return VAE.load(path, threads=threads)
+
+
+def _test_set(vae: VAE, data: str | None) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    from .datasets import load_mnist
+
+    x, y = load_mnist("test", root=data)
+    if vae.input_dim != x.shape[1]:
+        raise _UsageError(
+            f"the model takes {vae.input_dim} inputs per image, MNIST images have {x.shape[1]}"
+        )
+    return x, y
+
+
 def _train(args: argparse.Namespace) -> int:
     from . import images
-    from .datasets import load_mnist
+    from .datasets import binarize, load_mnist
     from .model import VAE
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
     x_train, _ = load_mnist("train", root=args.data)
-    x_test, _ = load_mnist("test", root=args.data)
+    x_test, y_test = load_mnist("test", root=args.data)
+    dynamic = args.binarize == "dynamic"
+    # Dynamic binarization is scored on one fixed Bernoulli draw of the test set.
+    x_eval = binarize(x_test) if dynamic else x_test
 
     if args.resume:
         vae = VAE.load(model_path, threads=args.threads)
@@ -166,8 +321,9 @@ def _train(args: argparse.Namespace) -> int:
             epochs=1,
             batch_size=args.batch_size,
             lr=args.lr,
-            validation_data=x_test,
+            validation_data=x_eval,
             progress=not args.no_progress,
+            binarize="dynamic" if dynamic else None,
         )
         h = vae.history_
         vae.save(model_path)
@@ -181,16 +337,113 @@ def _train(args: argparse.Namespace) -> int:
     if not hasattr(vae, "model_"):
         raise FastVAEError("nothing to do: --epochs is not above the epochs already trained")
 
-    test = x_test[:40]
-    images.save_png(
-        images.reconstructions(test, vae.reconstruct(test)), out / "reconstructions.png"
-    )
-    images.save_png(images.image_grid(vae.sample(64, seed=args.seed), 8, 8), out / "samples.png")
-    images.loss_curve(vae.history_, out / "loss_curve.png")
-    test_loss = -float(vae.elbo(x_test).mean())
-    print(f"test loss (BCE + KL per example): {test_loss:.2f} nats")
+    names = images.write_pictures(vae, x_test, y_test, out, seed=args.seed)
+    test_loss = -float(vae.elbo(x_eval).mean())
+    which = "fixed binarized test set" if dynamic else "test set"
+    print(f"test loss (BCE + KL per example, {which}): {test_loss:.2f} nats")
     print(f"wrote {model_path}, {out / METRICS_FILE}, and pictures in {out}/:")
-    print("  reconstructions.png  samples.png  loss_curve.png")
+    print("  " + "  ".join(names))
+    return 0
+
+
+def _mean_and_stderr(v: NDArray[np.float64]) -> tuple[float, float]:
+    sem = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return float(v.mean()), sem
+
+
+def _log_likelihood(
+    vae: VAE, x: NDArray[np.float32], k: int, seed: int, progress: bool
+) -> NDArray[np.float64]:
+    """vae.log_likelihood, with a progress bar only when it should take over a second.
+
+    A probe on the first few images (about a quarter of one call's work into the core) gives
+    the time per image; the probe's results are the final ones when it covered every image.
+    """
+    n = len(x)
+    probe = min(n, max(1, 16384 // k))
+    t0 = time.perf_counter()
+    head = vae.log_likelihood(x[:probe], k=k, seed=seed)
+    if probe == n:
+        return head
+    expected = (time.perf_counter() - t0) * n / probe
+    return vae.log_likelihood(x, k=k, seed=seed, progress=progress and expected > 1.0)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .datasets import binarize
+
+    vae = _load_model(args.model, args.threads)
+    x, _ = _test_set(vae, args.data)
+    if args.binarize == "fixed":
+        x = binarize(x)
+    if args.limit is not None:
+        x = x[: args.limit]
+    t0 = time.perf_counter()
+    elbo, elbo_sem = _mean_and_stderr(vae.elbo(x, seed=args.seed))
+    elbo_seconds = time.perf_counter() - t0
+    ll = ll_sem = ll_seconds = None
+    if args.k > 0:
+        t0 = time.perf_counter()
+        values = _log_likelihood(vae, x, args.k, args.seed, not args.no_progress)
+        ll, ll_sem = _mean_and_stderr(values)
+        ll_seconds = time.perf_counter() - t0
+    if args.json:
+        result = {
+            "model": args.model,
+            "examples": len(x),
+            "binarize": args.binarize,
+            "seed": args.seed,
+            "elbo": elbo,
+            "elbo_stderr": elbo_sem,
+            "loss": -elbo,
+            "k": args.k,
+            "log_likelihood": ll,
+            "log_likelihood_stderr": ll_sem,
+            "elbo_seconds": elbo_seconds,
+            "log_likelihood_seconds": ll_seconds,
+        }
+        print(json.dumps(result))
+        return 0
+    arch = "-".join(str(d) for d in (vae.input_dim, *vae.hidden_dims, vae.latent_dim))
+    epochs = vae.model_.epoch
+    print(f"model     {args.model}: {arch} {vae.activation}, {epochs} epochs trained")
+    data = "fixed binarization" if args.binarize == "fixed" else "grayscale"
+    print(f"data      MNIST test set, {len(x):,} images ({data})")
+    print(
+        f"ELBO      {elbo:.2f} nats per image (+/- {elbo_sem:.2f} std. error; loss "
+        f"{-elbo:.2f}), 1 sample, seed {args.seed}"
+    )
+    if ll is not None:
+        print(
+            f"log p(x) >= {ll:.2f} nats per image (+/- {ll_sem:.2f}), importance-weighted with "
+            f"k={args.k}, seed {args.seed} ({ll_seconds:.1f} s)"
+        )
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from . import images
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise _UsageError(f"--out must name a .png file, got {args.out!r}")
+    vae = _load_model(args.model, args.threads)
+    rows, cols = images.grid_shape(args.n)
+    images.save_png(images.image_grid(vae.sample(args.n, seed=args.seed), rows, cols), out)
+    print(f"wrote {out}: {args.n} samples from the prior ({rows} x {cols} grid, seed {args.seed})")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from . import images
+
+    vae = _load_model(args.model, args.threads)
+    out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
+    out.mkdir(parents=True, exist_ok=True)
+    x, y = _test_set(vae, args.data)
+    names = images.write_pictures(vae, x, y, out, seed=args.seed)
+    print(f"wrote pictures in {out}/:")
+    print("  " + "  ".join(names))
     return 0
 
 
@@ -198,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FastVAEError, FileNotFoundError, FloatingPointError) as e:
+    except (FastVAEError, OSError, FloatingPointError, _UsageError) as e:
         print(f"fastvae: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
