@@ -9,7 +9,7 @@
 use crate::error::{Result, VaeError};
 use crate::model::Workspace;
 use crate::rng::{fill_normal, stream, Purpose};
-use crate::train::{Dataset, Model};
+use crate::train::{keep_awake, Dataset, Model};
 
 /// Decoder rows per pass: large enough for efficient products, small enough for cache.
 pub const PASS_ROWS: usize = 1024;
@@ -78,63 +78,65 @@ impl Model {
         let mut head = vec![0.0f32; group * 2 * zdim];
         let ln_k = (k as f64).ln();
         self.install(|| {
-            for e0 in (start..end).step_by(group) {
-                let g = group.min(end - e0);
-                // q(z|x) for the group's examples.
-                ws.x[..g * d].copy_from_slice(&data.data[e0 * d..(e0 + g) * d]);
-                self.vae.encode_forward(&mut ws, g, None);
-                head[..g * 2 * zdim].copy_from_slice(&ws.head[..g * 2 * zdim]);
-                let mut lse = vec![LogSumExp::new(); g];
-                let mut rngs: Vec<_> = (0..g)
-                    .map(|i| stream(seed, Purpose::ImportanceNoise, (e0 + i) as u64))
-                    .collect();
-                // Passes: all k samples of g examples, or up to `cap` samples of one.
-                let mut done = 0;
-                while done < k {
-                    let per = (k - done).min(cap / g);
-                    let rows = g * per;
-                    for i in 0..g {
-                        let xr = &data.data[(e0 + i) * d..(e0 + i + 1) * d];
-                        for j in 0..per {
-                            let r = i * per + j;
-                            ws.x[r * d..(r + 1) * d].copy_from_slice(xr);
-                        }
-                        fill_normal(
-                            &mut rngs[i],
-                            &mut ws.eps[i * per * zdim..(i + 1) * per * zdim],
-                        );
-                        let (mu, lv) = head[i * 2 * zdim..(i + 1) * 2 * zdim].split_at(zdim);
-                        for j in 0..per {
-                            let r = i * per + j;
-                            for c in 0..zdim {
-                                ws.z[r * zdim + c] =
-                                    mu[c] + (0.5 * lv[c]).exp() * ws.eps[r * zdim + c];
+            keep_awake(|| {
+                for e0 in (start..end).step_by(group) {
+                    let g = group.min(end - e0);
+                    // q(z|x) for the group's examples.
+                    ws.x[..g * d].copy_from_slice(&data.data[e0 * d..(e0 + g) * d]);
+                    self.vae.encode_forward(&mut ws, g, None);
+                    head[..g * 2 * zdim].copy_from_slice(&ws.head[..g * 2 * zdim]);
+                    let mut lse = vec![LogSumExp::new(); g];
+                    let mut rngs: Vec<_> = (0..g)
+                        .map(|i| stream(seed, Purpose::ImportanceNoise, (e0 + i) as u64))
+                        .collect();
+                    // Passes: all k samples of g examples, or up to `cap` samples of one.
+                    let mut done = 0;
+                    while done < k {
+                        let per = (k - done).min(cap / g);
+                        let rows = g * per;
+                        for i in 0..g {
+                            let xr = &data.data[(e0 + i) * d..(e0 + i + 1) * d];
+                            for j in 0..per {
+                                let r = i * per + j;
+                                ws.x[r * d..(r + 1) * d].copy_from_slice(xr);
+                            }
+                            fill_normal(
+                                &mut rngs[i],
+                                &mut ws.eps[i * per * zdim..(i + 1) * per * zdim],
+                            );
+                            let (mu, lv) = head[i * 2 * zdim..(i + 1) * 2 * zdim].split_at(zdim);
+                            for j in 0..per {
+                                let r = i * per + j;
+                                for c in 0..zdim {
+                                    ws.z[r * zdim + c] =
+                                        mu[c] + (0.5 * lv[c]).exp() * ws.eps[r * zdim + c];
+                                }
                             }
                         }
-                    }
-                    self.vae.decode_forward(&mut ws, rows);
-                    self.vae.reconstruction_loss(&mut ws, rows, false);
-                    for i in 0..g {
-                        let half_sum_lv: f64 = head[i * 2 * zdim + zdim..(i + 1) * 2 * zdim]
-                            .iter()
-                            .map(|&v| v as f64)
-                            .sum::<f64>()
-                            * 0.5;
-                        for j in 0..per {
-                            let r = i * per + j;
-                            let z = &ws.z[r * zdim..(r + 1) * zdim];
-                            let eps = &ws.eps[r * zdim..(r + 1) * zdim];
-                            let zz: f64 = z.iter().map(|&v| (v as f64) * (v as f64)).sum();
-                            let ee: f64 = eps.iter().map(|&v| (v as f64) * (v as f64)).sum();
-                            lse[i].add(-ws.bce[r] - 0.5 * zz + 0.5 * ee + half_sum_lv);
+                        self.vae.decode_forward(&mut ws, rows);
+                        self.vae.reconstruction_loss(&mut ws, rows, false);
+                        for i in 0..g {
+                            let half_sum_lv: f64 = head[i * 2 * zdim + zdim..(i + 1) * 2 * zdim]
+                                .iter()
+                                .map(|&v| v as f64)
+                                .sum::<f64>()
+                                * 0.5;
+                            for j in 0..per {
+                                let r = i * per + j;
+                                let z = &ws.z[r * zdim..(r + 1) * zdim];
+                                let eps = &ws.eps[r * zdim..(r + 1) * zdim];
+                                let zz: f64 = z.iter().map(|&v| (v as f64) * (v as f64)).sum();
+                                let ee: f64 = eps.iter().map(|&v| (v as f64) * (v as f64)).sum();
+                                lse[i].add(-ws.bce[r] - 0.5 * zz + 0.5 * ee + half_sum_lv);
+                            }
                         }
+                        done += per;
                     }
-                    done += per;
+                    for i in 0..g {
+                        out[e0 - start + i] = lse[i].value() - ln_k;
+                    }
                 }
-                for i in 0..g {
-                    out[e0 - start + i] = lse[i].value() - ln_k;
-                }
-            }
+            })
         });
         Ok(())
     }

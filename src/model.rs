@@ -7,11 +7,10 @@
 use crate::config::{Activation, Config};
 use crate::layers::{
     activation_backward, bce_logits_forward_backward, bias_backward, linear_backward,
-    linear_forward, reparam_kl_backward, reparam_kl_forward,
+    linear_forward, matmul, reparam_kl_backward, reparam_kl_forward, Layout as MatLayout,
 };
-use crate::optim::all_finite;
 use crate::params::{Layout, LinearLayout};
-use crate::sparse::{first_layer_forward, first_layer_weight_backward, BandColumns, SparseBatch};
+use crate::sparse::{first_layer_forward, SparseBatch};
 
 /// Architecture and weights; no optimizer state.
 #[derive(Debug, Clone)]
@@ -48,8 +47,6 @@ pub struct Workspace {
     pub dhead: Vec<f32>,
     pub dz: Vec<f32>,
     pub ddec: Vec<Vec<f32>>,
-    /// The batch regrouped by pixel for the sparse first layer's weight gradient.
-    pub columns: Vec<BandColumns>,
 }
 
 impl Workspace {
@@ -73,7 +70,6 @@ impl Workspace {
             kl: vec![0.0; cap],
             dhead: grad(2 * z),
             dz: grad(z),
-            columns: Vec::new(),
         }
     }
 }
@@ -193,14 +189,12 @@ impl Vae {
     /// After `forward`: the loss summed over the n rows, and its gradient with respect to
     /// every parameter written into `grads` (laid out as the parameters).
     ///
-    /// With `check_finite`, a non-finite loss, or a non-finite gradient (checked per layer
-    /// while it is in cache), is an error naming it; training then leaves the weights alone.
+    /// With `check_finite`, a non-finite loss is an error (before any gradient is computed).
     pub fn loss_backward(
         &self,
         grads: &mut [f32],
         ws: &mut Workspace,
         n: usize,
-        sparse: Option<SparseBatch<'_>>,
         check_finite: bool,
     ) -> Result<f64, String> {
         debug_assert_eq!(grads.len(), self.params.len());
@@ -212,13 +206,6 @@ impl Vae {
         let act = self.act();
         let layout = &self.layout;
         let params = &self.params;
-        let check = |l: &LinearLayout, grads: &[f32]| -> Result<(), String> {
-            if check_finite && !all_finite(&grads[l.weight.start..l.bias.end]) {
-                return Err("a gradient is not finite".into());
-            }
-            Ok(())
-        };
-
         // Decoder, last layer first. dout of layer j is the logits' gradient for the last
         // layer and ddec[j] (made pre-activation) for the others.
         let dec_layers = &layout.decoder;
@@ -244,7 +231,6 @@ impl Vae {
                 )
             };
             linear_backward(Some(dinp), dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
-            check(l, grads)?;
         }
 
         let z = self.config.latent_dim;
@@ -273,7 +259,6 @@ impl Vae {
             };
             let dout = &ws.dhead[..n * h.out_dim];
             linear_backward(dinp, dw, db, dout, inp, w, n, h.in_dim, h.out_dim);
-            check(h, grads)?;
         }
         for i in (0..enc_layers.len()).rev() {
             let l = &enc_layers[i];
@@ -283,10 +268,10 @@ impl Vae {
             let dout = &mut denc_from_i[0][..n * l.out_dim];
             activation_backward(dout, &ws.enc[i][..n * l.out_dim], l.out_dim, act);
             if l.transposed {
-                // The first layer: no input gradient, weight stored (I, O).
+                // The first layer: no input gradient, weight stored (I, O): dwt = x^T dout.
                 let x = &ws.x[..n * d_in];
-                let scratch = &mut ws.columns;
-                first_layer_weight_backward(dw, x, sparse, scratch, dout, n, l.in_dim, l.out_dim);
+                let (lhs, rhs) = (MatLayout::Transposed, MatLayout::Normal);
+                matmul(dw, x, lhs, dout, rhs, l.in_dim, n, l.out_dim);
                 bias_backward(db, dout, n, l.out_dim);
             } else {
                 let (inp, dinp): (&[f32], Option<&mut [f32]>) = if i == 0 {
@@ -299,7 +284,6 @@ impl Vae {
                 };
                 linear_backward(dinp, dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
             }
-            check(l, grads)?;
         }
         Ok(loss)
     }

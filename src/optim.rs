@@ -66,12 +66,26 @@ pub fn adam_update(
     cfg: AdamConfig,
 ) {
     let k = AdamKernel::new(t, cfg);
-    params
-        .par_chunks_mut(CHUNK)
-        .zip(grads.par_chunks(CHUNK))
-        .zip(m.par_chunks_mut(CHUNK))
-        .zip(v.par_chunks_mut(CHUNK))
-        .for_each(|(((p, g), m), v)| adam_chunk(p, g, m, v, k));
+    adam_split(params, grads, m, v, k, rayon::current_num_threads());
+}
+
+/// Split into `parts` contiguous pieces, the first half on this thread (as `matmul` splits its
+/// output, so a layer's gradient tends to be updated by the thread that computed it).
+fn adam_split(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: AdamKernel, parts: usize) {
+    if parts <= 1 || p.len() < 2 * CHUNK {
+        adam_chunk(p, g, m, v, k);
+        return;
+    }
+    let left = parts / 2;
+    let cut = p.len() * left / parts;
+    let (p0, p1) = p.split_at_mut(cut);
+    let (g0, g1) = g.split_at(cut);
+    let (m0, m1) = m.split_at_mut(cut);
+    let (v0, v1) = v.split_at_mut(cut);
+    rayon::join(
+        || adam_split(p0, g0, m0, v0, k, left),
+        || adam_split(p1, g1, m1, v1, k, parts - left),
+    );
 }
 
 impl AdamKernel {

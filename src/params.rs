@@ -159,7 +159,8 @@ impl Layout {
         out
     }
 
-    fn layers(&self) -> impl Iterator<Item = &LinearLayout> {
+    /// Every layer, in buffer order.
+    pub fn layers(&self) -> impl Iterator<Item = &LinearLayout> {
         self.encoder
             .iter()
             .chain(std::iter::once(&self.head))

@@ -75,8 +75,12 @@ pub fn exp_nonpositive<const FMA: bool>(t: f32) -> f32 {
     p = fmadd::<FMA>(p, r, 0.166_666_65);
     p = fmadd::<FMA>(p, r, 0.5);
     let y = fmadd::<FMA>(p * r, r, r) + 1.0;
-    // 2^n by building the exponent field; n is in [-126, 0].
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n by building the exponent field; n is an integer in [-126, 0]. Adding 1.5 * 2^23
+    // moves n into the low mantissa bits, a bit cast reads it out: unlike `n as i32` (which
+    // saturates, and so compiles to scalar code) this vectorizes.
+    const MAGIC: f32 = 12_582_912.0;
+    let n_bits = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+    y * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// log(1 + e) for e in [0, 1] (Cephes logf on m = 1 + e, or m = (1 + e) / 2 above sqrt 2,

@@ -1,15 +1,19 @@
-//! The first encoder layer, exploiting zero inputs exactly. About 80% of MNIST's pixels are 0,
-//! so x W^T and the weight gradient dy^T x need only the nonzero pixels: each nonzero x[b, i]
-//! adds x[b, i] * W[:, i] to row b of the output. For that the first layer's weight is stored
+//! The first encoder layer's forward pass, exploiting zero inputs exactly. About 80% of MNIST's
+//! pixels are 0, so x W^T needs only the nonzero pixels: each nonzero x[b, i] adds
+//! x[b, i] * W[:, i] to row b of the output. For that the first layer's weight is stored
 //! transposed, wt (I, O), so W[:, i] is the contiguous row wt[i, :]. The nonzeros are indexed
 //! once per data set (`SparseRows`), never per batch. Sums run in a different order than the
 //! dense product, so results agree with it to float rounding.
+//!
+//! Measured at B = 128 on two threads (784-400-20): the sparse forward takes 206 us against
+//! 300 us dense; for the weight gradient x^T dy the dense product won (248 us against 280 us
+//! for a per-batch regrouping by pixel), so the backward pass stays dense.
 
 // Layer functions take their dims explicitly, as llm.c's do.
 #![allow(clippy::too_many_arguments)]
 
 use crate::config::Activation;
-use crate::layers::{bias_activation, for_rows, matmul, matmul_on, product_threads, Layout};
+use crate::layers::{bias_activation, for_rows, matmul_on, product_threads, Layout};
 use crate::simd::{dispatch, fmadd};
 use rayon::prelude::*;
 
@@ -105,57 +109,6 @@ fn sparse_row_generic<const FMA: bool>(
 
 dispatch!(fn sparse_row(out: &mut [f32], idx: &[u32], val: &[f32], wt: &[f32], bias: &[f32]) -> () = sparse_row_generic::<true>, sparse_row_generic::<false>);
 
-/// dwt row (O) = sum over the batch rows b that have this pixel of v_b * dy[b, :], with
-/// (b, v_b) in `rows`/`vals`; each block of columns accumulates in registers.
-#[inline(always)]
-fn pixel_grad_generic<const FMA: bool>(
-    dwt_row: &mut [f32],
-    rows: &[u32],
-    vals: &[f32],
-    dy: &[f32],
-) {
-    let o = dwt_row.len();
-    let mut c0 = 0;
-    while c0 < o {
-        let w = BLOCK.min(o - c0);
-        if w == BLOCK {
-            let mut acc = [0.0f32; BLOCK];
-            for (&b, &v) in rows.iter().zip(vals) {
-                let g = &dy[b as usize * o + c0..b as usize * o + c0 + BLOCK];
-                for k in 0..BLOCK {
-                    acc[k] = fmadd::<FMA>(v, g[k], acc[k]);
-                }
-            }
-            dwt_row[c0..c0 + BLOCK].copy_from_slice(&acc);
-        } else {
-            let tail = &mut dwt_row[c0..];
-            tail.fill(0.0);
-            for (&b, &v) in rows.iter().zip(vals) {
-                let g = &dy[b as usize * o + c0..(b as usize + 1) * o];
-                tail.iter_mut()
-                    .zip(g)
-                    .for_each(|(a, &r)| *a = fmadd::<FMA>(v, r, *a));
-            }
-        }
-        c0 += w;
-    }
-}
-
-dispatch!(fn pixel_grad(dwt_row: &mut [f32], rows: &[u32], vals: &[f32], dy: &[f32]) -> () = pixel_grad_generic::<true>, pixel_grad_generic::<false>);
-
-/// One task's view of a batch by pixel (CSC) for a band of pixels, rebuilt each step from the
-/// data set's row index; kept in the workspace so no step allocates.
-#[derive(Debug, Default)]
-pub struct BandColumns {
-    /// Per pixel of the band, where its entries start (band + 1).
-    starts: Vec<usize>,
-    /// Batch row and value of each nonzero, grouped by pixel, rows ascending.
-    rows: Vec<u32>,
-    vals: Vec<f32>,
-    /// Fill cursor per pixel.
-    next: Vec<usize>,
-}
-
 fn activate(row: &mut [f32], act: Activation) {
     match act {
         Activation::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
@@ -203,72 +156,6 @@ pub fn first_layer_forward(
     }
 }
 
-/// dwt (I, O) = x^T dout for the first layer, with dout (B, O) the pre-activation gradient.
-/// The sparse path regroups the batch's nonzeros by pixel (one band of pixels per task, in
-/// `scratch`), then sums each pixel's rows of dout in registers; each sum runs over the batch
-/// rows in order, so results do not depend on the thread count.
-pub fn first_layer_weight_backward(
-    dwt: &mut [f32],
-    x: &[f32],
-    sparse: Option<SparseBatch<'_>>,
-    scratch: &mut Vec<BandColumns>,
-    dout: &[f32],
-    b: usize,
-    i: usize,
-    o: usize,
-) {
-    let Some(sb) = sparse else {
-        matmul(dwt, x, Layout::Transposed, dout, Layout::Normal, i, b, o);
-        return;
-    };
-    let tasks = rayon::current_num_threads().max(1);
-    let band = i.div_ceil(tasks).max(1);
-    scratch.resize_with(i.div_ceil(band), BandColumns::default);
-    dwt[..i * o]
-        .par_chunks_mut(band * o)
-        .zip(scratch.par_iter_mut())
-        .enumerate()
-        .for_each(|(t, (dwt_band, cols))| {
-            let (lo, hi) = (t * band, ((t + 1) * band).min(i));
-            let rows = &sb.rows[..b];
-            // Counting sort of this band's nonzeros by pixel, batch rows kept in order.
-            cols.starts.clear();
-            cols.starts.resize(hi - lo + 1, 0);
-            let band_of = |r: u32| {
-                let (idx, val) = sb.data.row(r as usize);
-                let s = idx.partition_point(|&k| (k as usize) < lo);
-                let e = idx.partition_point(|&k| (k as usize) < hi);
-                (&idx[s..e], &val[s..e])
-            };
-            for &r in rows {
-                for &k in band_of(r).0 {
-                    cols.starts[k as usize - lo + 1] += 1;
-                }
-            }
-            for p in 1..cols.starts.len() {
-                cols.starts[p] += cols.starts[p - 1];
-            }
-            let total = cols.starts[hi - lo];
-            cols.rows.resize(total, 0);
-            cols.vals.resize(total, 0.0);
-            cols.next.clear();
-            cols.next.extend_from_slice(&cols.starts);
-            for (bi, &r) in rows.iter().enumerate() {
-                let (idx, val) = band_of(r);
-                for (&k, &v) in idx.iter().zip(val) {
-                    let slot = &mut cols.next[k as usize - lo];
-                    cols.rows[*slot] = bi as u32;
-                    cols.vals[*slot] = v;
-                    *slot += 1;
-                }
-            }
-            for (p, dwt_row) in dwt_band.chunks_exact_mut(o).enumerate() {
-                let (s, e) = (cols.starts[p], cols.starts[p + 1]);
-                pixel_grad(dwt_row, &cols.rows[s..e], &cols.vals[s..e], dout);
-            }
-        });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,7 +172,6 @@ mod tests {
             .collect();
         let wt: Vec<f32> = (0..i * o).map(|k| h(k, 3) - 0.5).collect();
         let bias: Vec<f32> = (0..o).map(|k| h(k, 4) - 0.5).collect();
-        let dout: Vec<f32> = (0..n * o).map(|k| h(k, 5) - 0.5).collect();
         let sp = SparseRows::build(&x, n, i, MAX_DENSITY).expect("sparse enough");
         let rows: Vec<u32> = (0..n as u32).collect();
         let sb = SparseBatch {
@@ -307,16 +193,6 @@ mod tests {
                     .map(|(p, q)| (p - q).abs())
                     .fold(0.0, f32::max);
                 assert!(err < 1e-5, "forward, {threads} threads: {err}");
-                let (mut a, mut b) = (vec![1.0; i * o], vec![0.0; i * o]);
-                let mut scratch = Vec::new();
-                first_layer_weight_backward(&mut a, &x, Some(sb), &mut scratch, &dout, n, i, o);
-                first_layer_weight_backward(&mut b, &x, None, &mut scratch, &dout, n, i, o);
-                let err = a
-                    .iter()
-                    .zip(&b)
-                    .map(|(p, q)| (p - q).abs())
-                    .fold(0.0, f32::max);
-                assert!(err < 1e-5, "weight gradient, {threads} threads: {err}");
             });
         }
     }
