@@ -43,9 +43,12 @@ impl LogSumExp {
 
 impl Model {
     /// The k-sample importance-weighted log-likelihood of rows [start, end) of `data`, in nats,
-    /// into `out`. Example e's noise is keyed by (seed, e), so a caller may compute the rows in
+    /// into `out`. Example e's noise is keyed by (seed, row_offset + e), where `row_offset` is
+    /// where `data` starts in a larger array evaluated piece by piece; so a caller may compute
+    /// the rows in
     /// slices; when k is below `PASS_ROWS`, how examples share a decoder pass (and so the
     /// rounding of the products) depends on the slice, at the 1e-7 relative level.
+    #[allow(clippy::too_many_arguments)]
     pub fn log_likelihood_rows(
         &self,
         data: &Dataset,
@@ -53,6 +56,7 @@ impl Model {
         end: usize,
         k: usize,
         seed: u64,
+        row_offset: usize,
         out: &mut [f64],
     ) -> Result<()> {
         let cfg = &self.vae.config;
@@ -87,7 +91,9 @@ impl Model {
                     head[..g * 2 * zdim].copy_from_slice(&ws.head[..g * 2 * zdim]);
                     let mut lse = vec![LogSumExp::new(); g];
                     let mut rngs: Vec<_> = (0..g)
-                        .map(|i| stream(seed, Purpose::ImportanceNoise, (e0 + i) as u64))
+                        .map(|i| {
+                            stream(seed, Purpose::ImportanceNoise, (row_offset + e0 + i) as u64)
+                        })
                         .collect();
                     // Passes: all k samples of g examples, or up to `cap` samples of one.
                     let mut done = 0;
@@ -163,14 +169,14 @@ mod tests {
         for k in [1, 3, 1000, 2500] {
             let mut whole = vec![0.0; 7];
             model
-                .log_likelihood_rows(&data, 0, 7, k, 9, &mut whole)
+                .log_likelihood_rows(&data, 0, 7, k, 9, 0, &mut whole)
                 .unwrap();
             let mut parts = vec![0.0; 7];
             model
-                .log_likelihood_rows(&data, 0, 3, k, 9, &mut parts[..3])
+                .log_likelihood_rows(&data, 0, 3, k, 9, 0, &mut parts[..3])
                 .unwrap();
             model
-                .log_likelihood_rows(&data, 3, 7, k, 9, &mut parts[3..])
+                .log_likelihood_rows(&data, 3, 7, k, 9, 0, &mut parts[3..])
                 .unwrap();
             for (a, b) in whole.iter().zip(&parts) {
                 assert!((a - b).abs() <= 1e-6 * a.abs(), "k={k}: {a} vs {b}");

@@ -335,6 +335,30 @@ impl PyModel {
             .map_err(to_py)
     }
 
+    /// The shuffled row order of the next epoch, uint32 (n,).
+    fn epoch_order<'py>(&self, py: Python<'py>, n: usize) -> Bound<'py, PyArray1<u32>> {
+        PyArray1::from_vec(py, self.inner.epoch_order(n))
+    }
+
+    /// One training step on a batch gathered by the caller; returns its loss sum.
+    fn train_batch(
+        &mut self,
+        py: Python<'_>,
+        batch: &Bound<'_, PyDataset>,
+        lr: f64,
+        binarize: bool,
+    ) -> PyResult<f64> {
+        let batch = &batch.get().inner;
+        let model = &mut self.inner;
+        py.detach(|| model.train_batch(batch, lr, binarize))
+            .map_err(to_py)
+    }
+
+    /// Count an epoch trained with train_batch.
+    fn finish_epoch(&mut self) {
+        self.inner.finish_epoch();
+    }
+
     fn end_epoch(&mut self, run: &PyEpochRun) -> PyResult<f64> {
         if !run.inner.done() {
             return Err(ConfigError::new_err(
@@ -345,11 +369,15 @@ impl PyModel {
     }
 
     /// Per-example ELBO with one z sample each, noise keyed by seed; float64 (n,).
+    /// `row_offset`: where `data` starts in a larger array evaluated in pieces (a multiple of
+    /// EVAL_CHUNK), so each piece draws the noise the whole array would.
+    #[pyo3(signature = (data, seed, row_offset=0))]
     fn elbo<'py>(
         &self,
         py: Python<'py>,
         data: &Bound<'py, PyDataset>,
         seed: u64,
+        row_offset: usize,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let data = &data.get().inner;
         let mut out = vec![0.0f64; data.n];
@@ -359,7 +387,7 @@ impl PyModel {
             let end = (start + slice).min(data.n);
             let model = &self.inner;
             let o = &mut out[start..end];
-            py.detach(|| model.elbo_rows(data, start, end, seed, o))
+            py.detach(|| model.elbo_rows(data, start, end, seed, row_offset, o))
                 .map_err(to_py)?;
             py.check_signals()?;
         }
@@ -367,6 +395,8 @@ impl PyModel {
     }
 
     /// Importance-weighted log-likelihood (k samples) of rows [start, end); float64.
+    #[pyo3(signature = (data, start, end, k, seed, row_offset=0))]
+    #[allow(clippy::too_many_arguments)]
     fn log_likelihood<'py>(
         &self,
         py: Python<'py>,
@@ -375,11 +405,12 @@ impl PyModel {
         end: usize,
         k: usize,
         seed: u64,
+        row_offset: usize,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let data = &data.get().inner;
         let mut out = vec![0.0f64; end.saturating_sub(start)];
         let model = &self.inner;
-        py.detach(|| model.log_likelihood_rows(data, start, end, k, seed, &mut out))
+        py.detach(|| model.log_likelihood_rows(data, start, end, k, seed, row_offset, &mut out))
             .map_err(to_py)?;
         Ok(PyArray1::from_vec(py, out))
     }

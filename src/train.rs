@@ -9,7 +9,7 @@ use crate::error::{Result, VaeError};
 use crate::layers::for_rows;
 use crate::model::{Vae, Workspace};
 use crate::optim::{adam_update, all_finite, AdamConfig, AdamState};
-use crate::rng::{binarize, fill_normal, permutation, stream, Purpose};
+use crate::rng::{binarize as binarize_row, fill_normal, permutation, stream, Purpose};
 use crate::simd::{dispatch, LANES};
 use crate::sparse::{SparseBatch, SparseRows, MAX_DENSITY};
 use rayon::prelude::*;
@@ -324,7 +324,7 @@ impl Model {
                         let step = adam.t;
                         for_rows(&mut ws.x[..n * data.d], data.d, |r, row| {
                             let key = (step << 24) ^ r as u64;
-                            binarize(&mut stream(seed, Purpose::Binarize, key), row)
+                            binarize_row(&mut stream(seed, Purpose::Binarize, key), row)
                         });
                         None
                     } else {
@@ -337,6 +337,65 @@ impl Model {
                 Ok(())
             })
         })
+    }
+
+    /// The shuffled order of the next epoch over n rows, for callers that gather batches
+    /// themselves (`train_batch`); the same order `begin_epoch` uses.
+    pub fn epoch_order(&self, n: usize) -> Vec<u32> {
+        permutation(&mut stream(self.seed, Purpose::Shuffle, self.epoch), n)
+    }
+
+    /// One training step on a batch the caller gathered (from a memory-mapped array larger
+    /// than memory, say), drawing noise and binarization as `run` does; returns its loss sum.
+    pub fn train_batch(&mut self, batch: &Dataset, lr: f64, binarize: bool) -> Result<f64> {
+        self.check_data(batch)?;
+        check_lr(lr)?;
+        let n = batch.n;
+        let cfg = &self.vae.config;
+        if self.train_ws.as_ref().is_none_or(|ws| ws.cap != n) {
+            self.train_ws = Some(Workspace::new(cfg, n, true));
+        }
+        let ws = self.train_ws.as_mut().expect("workspace just made");
+        let (vae, grads, adam, seed, epoch) = (
+            &mut self.vae,
+            &mut self.grads,
+            &mut self.adam,
+            self.seed,
+            self.epoch,
+        );
+        let adam_cfg = AdamConfig {
+            lr,
+            ..AdamConfig::default()
+        };
+        let rows: Vec<u32> = (0..n as u32).collect();
+        self.pool.install(|| {
+            let d = batch.d;
+            ws.x[..n * d].copy_from_slice(&batch.data);
+            let zdim = vae.config.latent_dim;
+            fill_normal(
+                &mut stream(seed, Purpose::TrainNoise, adam.t),
+                &mut ws.eps[..n * zdim],
+            );
+            let sparse = if binarize {
+                let step = adam.t;
+                for_rows(&mut ws.x[..n * d], d, |r, row| {
+                    let key = (step << 24) ^ r as u64;
+                    binarize_row(&mut stream(seed, Purpose::Binarize, key), row)
+                });
+                None
+            } else {
+                batch
+                    .sparse
+                    .as_ref()
+                    .map(|data| SparseBatch { data, rows: &rows })
+            };
+            train_step(vae, grads, adam, ws, n, sparse, adam_cfg, epoch)
+        })
+    }
+
+    /// Count an epoch trained with `train_batch`.
+    pub fn finish_epoch(&mut self) {
+        self.epoch += 1;
     }
 
     /// Count a finished epoch.
@@ -406,18 +465,26 @@ impl Model {
 
     /// Per-example ELBO (= -(BCE + KL), one z sample each) for rows [start, end) of `data`,
     /// which must lie on EVAL_CHUNK boundaries except at the end; noise keyed by (seed, chunk).
+    /// `row_offset` (a multiple of EVAL_CHUNK) is where `data` starts in a larger array
+    /// evaluated piece by piece, so the pieces draw the noise the whole array would.
     pub fn elbo_rows(
         &self,
         data: &Dataset,
         start: usize,
         end: usize,
         seed: u64,
+        row_offset: usize,
         out: &mut [f64],
     ) -> Result<()> {
         self.check_data(data)?;
-        debug_assert!(
-            start.is_multiple_of(EVAL_CHUNK) && end <= data.n && out.len() == end - start
-        );
+        if !(start + row_offset).is_multiple_of(EVAL_CHUNK)
+            || end > data.n
+            || out.len() != end - start
+        {
+            return Err(VaeError::Input(format!(
+                "evaluation rows must start on a multiple of {EVAL_CHUNK}"
+            )));
+        }
         let cap = EVAL_CHUNK.min(end - start).max(1);
         let mut ws = Workspace::new(&self.vae.config, cap, false);
         let (d, zdim) = (data.d, self.vae.config.latent_dim);
@@ -425,7 +492,7 @@ impl Model {
             for (c, lo) in (start..end).step_by(EVAL_CHUNK).enumerate() {
                 let n = (end - lo).min(EVAL_CHUNK);
                 ws.x[..n * d].copy_from_slice(&data.data[lo * d..(lo + n) * d]);
-                let chunk = (start / EVAL_CHUNK + c) as u64;
+                let chunk = ((row_offset + start) / EVAL_CHUNK + c) as u64;
                 fill_normal(
                     &mut stream(seed, Purpose::EvalNoise, chunk),
                     &mut ws.eps[..n * zdim],

@@ -171,3 +171,41 @@ def test_sklearn_pipeline_style(data: np.ndarray) -> None:
     assert z.shape == (300, 2)
     m2 = VAE(input_dim=12, hidden_dims=(8,), latent_dim=2, threads=1)
     assert m2.fit(data, np.zeros(300), epochs=1, progress=False) is m2
+
+
+def test_memory_mapped_input_is_read_in_pieces(data: np.ndarray, tmp_path: Path) -> None:
+    # A memmap is trained on batch by batch (it may exceed memory) with the same order and
+    # noise as an in-memory array, and evaluated in pieces with the same noise.
+    big = np.concatenate([data] * 60)  # 18,000 rows: more than one 16,384-row piece
+    path = tmp_path / "x.f32"
+    big.tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=big.shape)
+
+    def model() -> VAE:
+        return VAE(input_dim=12, hidden_dims=(10,), latent_dim=3, seed=5, threads=2)
+
+    a = model().fit(mapped, epochs=2, batch_size=100, validation_data=mapped, progress=False)
+    b = model().fit(big, epochs=2, batch_size=100, validation_data=big, progress=False)
+    for k, v in b.weights().items():
+        np.testing.assert_array_equal(a.weights()[k], v, err_msg=k)
+    np.testing.assert_allclose(a.history_["train_loss"], b.history_["train_loss"], rtol=1e-12)
+    np.testing.assert_array_equal(a.history_["val_loss"], b.history_["val_loss"])
+    np.testing.assert_array_equal(b.elbo(mapped), b.elbo(big))
+    np.testing.assert_array_equal(b.transform(mapped), b.transform(big))
+    np.testing.assert_array_equal(
+        b.log_likelihood(mapped[:50], k=3), b.log_likelihood(big[:50], k=3)
+    )
+
+
+def test_memory_mapped_bad_value_is_located_before_training(
+    data: np.ndarray, tmp_path: Path
+) -> None:
+    bad = np.concatenate([data] * 60)
+    bad[17_000, 4] = np.nan
+    path = tmp_path / "bad.f32"
+    bad.tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=bad.shape)
+    m = VAE(input_dim=12, hidden_dims=(10,), latent_dim=3, threads=1)
+    with pytest.raises(InputError, match=r"x\[17000, 4\] is NaN"):
+        m.fit(mapped, epochs=1, progress=False)
+    assert not hasattr(m, "model_")

@@ -124,11 +124,19 @@ class Model:
     ) -> EpochRun: ...
     def run(self, data: Dataset, run: EpochRun, max_batches: int) -> None:
         """Train on up to max_batches further batches of the epoch, without the GIL."""
+    def epoch_order(self, n: int) -> NDArray[np.uint32]:
+        """The shuffled row order of the next epoch, uint32 (n,)."""
+    def train_batch(self, batch: Dataset, lr: float, binarize: bool) -> float:
+        """One training step on a batch gathered by the caller; returns its loss sum."""
+    def finish_epoch(self) -> None:
+        """Count an epoch trained with train_batch."""
     def end_epoch(self, run: EpochRun) -> float: ...
-    def elbo(self, data: Dataset, seed: int) -> NDArray[np.float64]:
-        """Per-example ELBO with one z sample each, noise keyed by seed; float64 (n,)."""
+    def elbo(self, data: Dataset, seed: int, row_offset: int = 0) -> NDArray[np.float64]:
+        """Per-example ELBO with one z sample each, noise keyed by seed; float64 (n,).
+        `row_offset`: where `data` starts in a larger array evaluated in pieces (a multiple of
+        EVAL_CHUNK), so each piece draws the noise the whole array would."""
     def log_likelihood(
-        self, data: Dataset, start: int, end: int, k: int, seed: int
+        self, data: Dataset, start: int, end: int, k: int, seed: int, row_offset: int = 0
     ) -> NDArray[np.float64]:
         """Importance-weighted log-likelihood (k samples) of rows [start, end); float64."""
     def loss_and_grads(

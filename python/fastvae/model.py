@@ -12,7 +12,7 @@ import numbers
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -210,6 +210,14 @@ class VAE:
         arr = _float_rows(x, name, input_dim, "intensities in [0, 1]")
         return _core.Dataset(arr, name=name)
 
+    def _rows(self, x: Any, name: str = "x") -> _core.Dataset | _MappedRows:
+        """x for the core: copied whole into core memory, or, for a memory-mapped array (which
+        may be larger than memory), checked piece by piece and read as it is needed."""
+        if isinstance(x, np.memmap):
+            input_dim = _positive_int("input_dim", self.input_dim, _MAX_WIDTH)
+            return _MappedRows(_float_rows(x, name, input_dim, "intensities in [0, 1]"), name)
+        return self._dataset(x, name)
+
     # -- training -------------------------------------------------------------------------
 
     def fit(
@@ -265,14 +273,14 @@ class VAE:
         if binarize not in (None, "dynamic"):
             raise ConfigError(f"binarize must be None or 'dynamic', got {binarize!r}")
         self._checked_config()
-        data = self._dataset(x)
+        data = self._rows(x)
         val = None
         if validation_data is not None:
             if isinstance(validation_data, tuple):
                 if not validation_data:
                     raise InputError("validation_data is an empty tuple")
                 validation_data = validation_data[0]
-            val = self._dataset(validation_data, "validation_data")
+            val = self._rows(validation_data, "validation_data")
         with self._lock:
             model = self._ensure_model()
             for _ in range(epochs):
@@ -284,21 +292,50 @@ class VAE:
     def _fit_epoch(
         self,
         model: _core.Model,
-        data: _core.Dataset,
-        val: _core.Dataset | None,
+        data: _core.Dataset | _MappedRows,
+        val: _core.Dataset | _MappedRows | None,
         batch_size: int,
         lr: float,
         progress: bool,
         binarize: bool,
     ) -> None:
-        from .progress import progress_bar
 
         epoch = model.epoch + 1
-        run = model.begin_epoch(data, batch_size, lr, binarize)
         n = data.shape[0]
+        if isinstance(data, _MappedRows):
+            train_loss, seconds = self._fit_mapped_epoch(
+                model, data, batch_size, lr, progress, binarize
+            )
+        else:
+            train_loss, seconds = self._fit_core_epoch(
+                model, data, batch_size, lr, progress, binarize
+            )
+        val_loss = None
+        if val is not None:
+            val_loss = float(-self._elbo_rows(model, val, self._EVAL_SEED).mean())
+        h = self.history_
+        h["epoch"].append(epoch)
+        h["train_loss"].append(train_loss)
+        h["val_loss"].append(val_loss)
+        h["samples_per_sec"].append(n / seconds if seconds > 0 else float("inf"))
+        h["seconds"].append(seconds)
+
+    def _fit_core_epoch(
+        self,
+        model: _core.Model,
+        data: _core.Dataset,
+        batch_size: int,
+        lr: float,
+        progress: bool,
+        binarize: bool,
+    ) -> tuple[float, float]:
+        """An epoch over data in core memory, the core batching; (mean loss, seconds)."""
+        from .progress import progress_bar
+
+        run = model.begin_epoch(data, batch_size, lr, binarize)
         per_call = 1
         seconds = 0.0
-        with progress_bar(run.total_batches, f"epoch {epoch}", progress, "batch") as bar:
+        with progress_bar(run.total_batches, f"epoch {model.epoch + 1}", progress, "batch") as bar:
             while not run.done:
                 t0 = time.perf_counter()
                 before = run.batches_done
@@ -313,17 +350,48 @@ class VAE:
                     loss=f"{run.mean_loss:.2f}",
                     samples_s=f"{run.rows_done / max(seconds, 1e-9):,.0f}",
                 )
-            train_loss = model.end_epoch(run)
-            val_loss = None
-            if val is not None:
-                val_loss = float(-model.elbo(val, self._EVAL_SEED).mean())
-                bar.set_postfix(loss=f"{train_loss:.2f}", val=f"{val_loss:.2f}")
-        h = self.history_
-        h["epoch"].append(epoch)
-        h["train_loss"].append(train_loss)
-        h["val_loss"].append(val_loss)
-        h["samples_per_sec"].append(n / seconds if seconds > 0 else float("inf"))
-        h["seconds"].append(seconds)
+        return model.end_epoch(run), seconds
+
+    def _fit_mapped_epoch(
+        self,
+        model: _core.Model,
+        data: _MappedRows,
+        batch_size: int,
+        lr: float,
+        progress: bool,
+        binarize: bool,
+    ) -> tuple[float, float]:
+        """An epoch over a memory-mapped array, gathering each batch as it is needed, in the
+        order and with the noise the in-memory path uses; (mean loss, seconds)."""
+        from .progress import progress_bar
+
+        n = data.shape[0]
+        order = model.epoch_order(n)
+        loss_sum = 0.0
+        seconds = 0.0
+        batches = -(-n // batch_size)
+        with progress_bar(batches, f"epoch {model.epoch + 1}", progress, "batch") as bar:
+            for start in range(0, n, batch_size):
+                t0 = time.perf_counter()
+                batch = data.gather(order[start : start + batch_size])
+                loss_sum += model.train_batch(batch, lr, binarize)
+                seconds += time.perf_counter() - t0
+                bar.update(1)
+                done = min(n, start + batch_size)
+                bar.set_postfix(
+                    loss=f"{loss_sum / done:.2f}", samples_s=f"{done / max(seconds, 1e-9):,.0f}"
+                )
+        model.finish_epoch()
+        return loss_sum / n, seconds
+
+    def _elbo_rows(
+        self, model: _core.Model, data: _core.Dataset | _MappedRows, seed: int
+    ) -> NDArray[np.float64]:
+        if isinstance(data, _MappedRows):
+            return np.concatenate(
+                [model.elbo(piece, seed, start) for start, piece in data.pieces()]
+            )
+        return model.elbo(data, seed)
 
     # Evaluation noise does not depend on the model's seed, so equal weights give equal ELBOs.
     _EVAL_SEED = 0
@@ -332,9 +400,13 @@ class VAE:
 
     def encode(self, x: ArrayLike) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """Mean and log-variance of q(z|x), each float32 of shape (n, latent_dim)."""
-        data = self._dataset(x)
+        data = self._rows(x)
         with self._lock:
-            return self._fitted().encode(data)
+            model = self._fitted()
+            if isinstance(data, _MappedRows):
+                parts = [model.encode(piece) for _, piece in data.pieces()]
+                return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            return model.encode(data)
 
     def transform(self, x: ArrayLike) -> NDArray[np.float32]:
         """Latent means, shape (n, latent_dim): the VAE as a Pipeline transformer."""
@@ -369,9 +441,9 @@ class VAE:
         fixed seed, so repeated calls, and models with equal weights, agree.
         """
         seed = self._EVAL_SEED if seed is None else _seed("seed", seed)
-        data = self._dataset(x)
+        data = self._rows(x)
         with self._lock:
-            return self._fitted().elbo(data, seed)
+            return self._elbo_rows(self._fitted(), data, seed)
 
     def log_likelihood(
         self, x: ArrayLike, k: int = 5000, seed: int | None = None, progress: bool = False
@@ -390,7 +462,7 @@ class VAE:
 
         k = _positive_int("k", k, 2**24)
         seed = self._EVAL_SEED if seed is None else _seed("seed", seed)
-        data = self._dataset(x)
+        data = self._rows(x)
         n = data.shape[0]
         # About 64K decoder rows per call: a fraction of a second between interrupt checks.
         step = max(1, 65536 // k)
@@ -399,7 +471,11 @@ class VAE:
             model = self._fitted()
             for start in range(0, n, step):
                 end = min(n, start + step)
-                out[start:end] = model.log_likelihood(data, start, end, k, seed)
+                if isinstance(data, _MappedRows):
+                    piece = data.read(start, end)
+                    out[start:end] = model.log_likelihood(piece, 0, end - start, k, seed, start)
+                else:
+                    out[start:end] = model.log_likelihood(data, start, end, k, seed)
                 bar.update(end - start)
         return out
 
@@ -453,3 +529,41 @@ class VAE:
         from .checkpoint import load
 
         return load(cls, path, threads)
+
+
+class _MappedRows:
+    """A memory-mapped (n, d) array of intensities, read in pieces and batches as needed.
+
+    Its values are checked once, piece by piece, when it is wrapped, so a bad value is reported
+    before any training step and the model stays unchanged.
+    """
+
+    # Rows per piece: a multiple of the core's evaluation chunk, so pieces draw the noise the
+    # whole array would.
+    PIECE_ROWS = 16 * _core.EVAL_CHUNK
+
+    def __init__(self, arr: NDArray[np.floating], name: str) -> None:
+        self.arr = arr
+        self.name = name
+        self.shape = arr.shape
+        for start in range(0, arr.shape[0], self.PIECE_ROWS):
+            piece = np.asarray(arr[start : start + self.PIECE_ROWS])
+            bad = ~((piece >= 0) & (piece <= 1))
+            if bad.any():
+                r, c = np.argwhere(bad)[0]
+                v = piece[r, c]
+                what = "NaN" if np.isnan(v) else (f"{v}" if np.isinf(v) else f"{v}, outside [0, 1]")
+                raise InputError(
+                    f"{name}[{start + r}, {c}] is {what}; inputs must be finite intensities in "
+                    "[0, 1]"
+                )
+
+    def read(self, start: int, end: int) -> _core.Dataset:
+        return _core.Dataset(np.ascontiguousarray(self.arr[start:end]), name=self.name)
+
+    def pieces(self) -> Iterator[tuple[int, _core.Dataset]]:
+        for start in range(0, self.shape[0], self.PIECE_ROWS):
+            yield start, self.read(start, start + self.PIECE_ROWS)
+
+    def gather(self, rows: NDArray[np.uint32]) -> _core.Dataset:
+        return _core.Dataset(np.ascontiguousarray(self.arr[rows]), name=self.name)
