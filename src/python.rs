@@ -417,14 +417,14 @@ impl PyModel {
 
     /// Loss and gradients (weight-named dict) for x with the given noise eps (B, Z).
     fn loss_and_grads<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         x: &Bound<'py, PyDataset>,
         eps: &Bound<'py, PyAny>,
     ) -> PyResult<(f64, Bound<'py, PyDict>)> {
         let (eps, _, _) = copy_rows(eps, "eps")?;
         let x = &x.get().inner;
-        let model = &mut self.inner;
+        let model = &self.inner;
         let (loss, grads) = py.detach(|| model.loss_and_grads(x, &eps)).map_err(to_py)?;
         Ok((
             loss,

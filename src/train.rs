@@ -286,23 +286,8 @@ impl Model {
     pub fn run(&mut self, data: &Dataset, run: &mut EpochRun, max_batches: usize) -> Result<()> {
         self.check_data(data)?;
         let bs = run.batch_size;
-        let cfg = &self.vae.config;
-        if self.train_ws.as_ref().is_none_or(|ws| ws.cap != bs) {
-            self.train_ws = Some(Workspace::new(cfg, bs, true));
-        }
-        let ws = self.train_ws.as_mut().expect("workspace just made");
-        let (vae, grads, adam, seed, epoch) = (
-            &mut self.vae,
-            &mut self.grads,
-            &mut self.adam,
-            self.seed,
-            self.epoch,
-        );
-        let adam_cfg = AdamConfig {
-            lr: run.lr,
-            ..AdamConfig::default()
-        };
-        self.pool.install(|| {
+        let (mut trainer, pool) = self.trainer(bs, run.lr);
+        pool.install(|| {
             keep_awake(|| {
                 for _ in 0..max_batches {
                     if run.done() {
@@ -311,32 +296,35 @@ impl Model {
                     let end = (run.next + bs).min(run.order.len());
                     let rows = &run.order[run.next..end];
                     let n = rows.len();
-                    gather(&mut ws.x[..n * data.d], data, rows);
-                    let zdim = vae.config.latent_dim;
-                    fill_normal(
-                        &mut stream(seed, Purpose::TrainNoise, adam.t),
-                        &mut ws.eps[..n * zdim],
-                    );
-                    // Binarized batches take the dense first layer: their nonzeros are a fresh
-                    // subset of the data set's.
-                    let sparse = if run.binarize {
-                        // One stream per (step, row), so rows binarize in parallel.
-                        let step = adam.t;
-                        for_rows(&mut ws.x[..n * data.d], data.d, |r, row| {
-                            let key = (step << 24) ^ r as u64;
-                            binarize_row(&mut stream(seed, Purpose::Binarize, key), row)
-                        });
-                        None
-                    } else {
-                        data.sparse.as_ref().map(|data| SparseBatch { data, rows })
-                    };
-                    let loss = train_step(vae, grads, adam, ws, n, sparse, adam_cfg, epoch)?;
-                    run.loss_sum += loss;
+                    gather(&mut trainer.ws.x[..n * data.d], data, rows);
+                    let sparse = data.sparse.as_ref().map(|data| SparseBatch { data, rows });
+                    run.loss_sum += trainer.step(n, sparse, run.binarize)?;
                     run.next = end;
                 }
                 Ok(())
             })
         })
+    }
+
+    /// The parts of the model a training step changes, with the workspace for batches of
+    /// `batch_size` rows (made anew only when the batch size changes), and the pool to run on.
+    fn trainer(&mut self, batch_size: usize, lr: f64) -> (Trainer<'_>, &rayon::ThreadPool) {
+        if self.train_ws.as_ref().is_none_or(|ws| ws.cap != batch_size) {
+            self.train_ws = Some(Workspace::new(&self.vae.config, batch_size, true));
+        }
+        let trainer = Trainer {
+            vae: &mut self.vae,
+            grads: &mut self.grads,
+            adam: &mut self.adam,
+            ws: self.train_ws.as_mut().expect("workspace just made"),
+            seed: self.seed,
+            epoch: self.epoch,
+            cfg: AdamConfig {
+                lr,
+                ..AdamConfig::default()
+            },
+        };
+        (trainer, &self.pool)
     }
 
     /// The shuffled order of the next epoch over n rows, for callers that gather batches
@@ -351,46 +339,14 @@ impl Model {
         self.check_data(batch)?;
         check_lr(lr)?;
         let n = batch.n;
-        let cfg = &self.vae.config;
-        if self.train_ws.as_ref().is_none_or(|ws| ws.cap != n) {
-            self.train_ws = Some(Workspace::new(cfg, n, true));
-        }
-        let ws = self.train_ws.as_mut().expect("workspace just made");
-        let (vae, grads, adam, seed, epoch) = (
-            &mut self.vae,
-            &mut self.grads,
-            &mut self.adam,
-            self.seed,
-            self.epoch,
-        );
-        let adam_cfg = AdamConfig {
-            lr,
-            ..AdamConfig::default()
-        };
         let rows: Vec<u32> = (0..n as u32).collect();
-        self.pool.install(|| {
-            let d = batch.d;
-            ws.x[..n * d].copy_from_slice(&batch.data);
-            let zdim = vae.config.latent_dim;
-            fill_normal(
-                &mut stream(seed, Purpose::TrainNoise, adam.t),
-                &mut ws.eps[..n * zdim],
-            );
-            let sparse = if binarize {
-                let step = adam.t;
-                for_rows(&mut ws.x[..n * d], d, |r, row| {
-                    let key = (step << 24) ^ r as u64;
-                    binarize_row(&mut stream(seed, Purpose::Binarize, key), row)
-                });
-                None
-            } else {
-                batch
-                    .sparse
-                    .as_ref()
-                    .map(|data| SparseBatch { data, rows: &rows })
-            };
-            train_step(vae, grads, adam, ws, n, sparse, adam_cfg, epoch)
-        })
+        let (mut trainer, pool) = self.trainer(n, lr);
+        trainer.ws.x[..n * batch.d].copy_from_slice(&batch.data);
+        let sparse = batch
+            .sparse
+            .as_ref()
+            .map(|data| SparseBatch { data, rows: &rows });
+        pool.install(|| trainer.step(n, sparse, binarize))
     }
 
     /// Count an epoch trained with `train_batch`.
@@ -407,7 +363,7 @@ impl Model {
 
     /// Loss and gradients for one batch with the given noise, without changing the model
     /// (for tests and checks). x (B, D), eps (B, Z).
-    pub fn loss_and_grads(&mut self, x: &Dataset, eps: &[f32]) -> Result<(f64, Vec<f32>)> {
+    pub fn loss_and_grads(&self, x: &Dataset, eps: &[f32]) -> Result<(f64, Vec<f32>)> {
         self.check_data(x)?;
         let zdim = self.vae.config.latent_dim;
         if eps.len() != x.n * zdim {
@@ -420,7 +376,7 @@ impl Model {
         ws.x.copy_from_slice(&x.data);
         ws.eps.copy_from_slice(eps);
         let mut grads = vec![0.0; self.vae.params.len()];
-        let vae = &mut self.vae;
+        let vae = &self.vae;
         let rows: Vec<u32> = (0..x.n as u32).collect();
         let sparse = x
             .sparse
@@ -571,6 +527,51 @@ impl Model {
         let mut z = vec![0.0; len];
         fill_normal(&mut stream(seed, Purpose::Prior, 0), &mut z);
         Ok(z)
+    }
+}
+
+/// Mutable borrows of what a training step changes.
+struct Trainer<'a> {
+    vae: &'a mut Vae,
+    grads: &'a mut [f32],
+    adam: &'a mut AdamState,
+    ws: &'a mut Workspace,
+    seed: u64,
+    epoch: u64,
+    cfg: AdamConfig,
+}
+
+impl Trainer<'_> {
+    /// One step on the n rows already in ws.x: draws the noise (and, with `binarize`, the
+    /// binarization) keyed by the step, then `train_step`. Binarized batches take the dense
+    /// first layer: their nonzeros are a fresh subset of the data set's.
+    fn step(&mut self, n: usize, sparse: Option<SparseBatch<'_>>, binarize: bool) -> Result<f64> {
+        let (seed, step) = (self.seed, self.adam.t);
+        let (d, zdim) = (self.vae.config.input_dim, self.vae.config.latent_dim);
+        fill_normal(
+            &mut stream(seed, Purpose::TrainNoise, step),
+            &mut self.ws.eps[..n * zdim],
+        );
+        let sparse = if binarize {
+            // One stream per (step, row), so rows binarize in parallel.
+            for_rows(&mut self.ws.x[..n * d], d, |r, row| {
+                let key = (step << 24) ^ r as u64;
+                binarize_row(&mut stream(seed, Purpose::Binarize, key), row)
+            });
+            None
+        } else {
+            sparse
+        };
+        let Trainer {
+            vae,
+            grads,
+            adam,
+            ws,
+            cfg,
+            epoch,
+            ..
+        } = self;
+        train_step(vae, grads, adam, ws, n, sparse, *cfg, *epoch)
     }
 }
 
