@@ -234,3 +234,18 @@ def test_train_with_dynamic_binarization(mnist_dir: Path, tmp_path: Path) -> Non
     fixed = fastvae.datasets.binarize(x_test)
     assert row["test_loss"] == pytest.approx(-float(vae.elbo(fixed).mean()), rel=1e-9)
     assert (out / "latent_map.png").exists() and not (out / "manifold.png").exists()
+
+
+def test_resume_continues_with_the_saved_training_settings(mnist_dir: Path, tmp_path: Path) -> None:
+    # --resume without --binarize, --lr or --batch-size continues as the run was trained.
+    common = ["--data", str(mnist_dir), "--hidden-dims", "32", "--latent-dim", "4"]
+    common += ["--threads", "2", "--no-progress", "--seed", "1"]
+    flags = ["--binarize", "dynamic", "--lr", "0.002", "--batch-size", "256"]
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    assert main(["train", *common, "--out", str(out), "--epochs", "1", *flags]) == 0
+    assert main(["train", *common, "--out", str(out), "--epochs", "2", "--resume"]) == 0
+    assert main(["train", *common, "--out", str(straight), "--epochs", "2", *flags]) == 0
+    a, b = VAE.load(out / "model.safetensors"), VAE.load(straight / "model.safetensors")
+    assert a.fit_params_ == {"batch_size": 256, "lr": 0.002, "binarize": "dynamic"}
+    for k, v in b.weights().items():
+        np.testing.assert_array_equal(a.weights()[k], v, err_msg=k)

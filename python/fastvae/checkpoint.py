@@ -22,8 +22,10 @@ def save(vae: VAE, path: str | os.PathLike[str], include_optimizer: bool) -> Non
     model = vae._fitted()
     if not isinstance(include_optimizer, bool):
         raise TypeError("include_optimizer must be True or False")
-    history = json.dumps(getattr(vae, "history_", {}))
-    model.save(os.fspath(path), include_optimizer, {"history": history})
+    extra = {"history": json.dumps(getattr(vae, "history_", {}))}
+    if hasattr(vae, "fit_params_"):
+        extra["fit_params"] = json.dumps(vae.fit_params_)
+    model.save(os.fspath(path), include_optimizer, extra)
 
 
 def _history(raw: str | None) -> dict[str, list[Any]]:
@@ -50,8 +52,29 @@ def load(cls: type[VAE], path: str | os.PathLike[str], threads: int | None) -> V
     vae = cls(input_dim, tuple(hidden), latent_dim, activation, seed, threads)
     try:
         history = _history(extra.get("history"))
+        fit_params = _fit_params(extra.get("fit_params"))
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     vae._adopt(model)
     vae.history_ = history
+    if fit_params is not None:
+        vae.fit_params_ = fit_params
     return vae
+
+
+def _fit_params(raw: str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        p = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"the file's training settings are not valid JSON: {e}") from e
+    ok = (
+        isinstance(p, dict)
+        and isinstance(p.get("batch_size"), int)
+        and isinstance(p.get("lr"), float)
+        and p.get("binarize") in (None, "dynamic")
+    )
+    if not ok:
+        raise CheckpointError("the file's training settings have an unexpected layout")
+    return {"batch_size": p["batch_size"], "lr": p["lr"], "binarize": p["binarize"]}

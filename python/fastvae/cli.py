@@ -126,8 +126,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_data(t)
     t.add_argument("--out", metavar="DIR", default="fastvae-run", help="output directory")
     t.add_argument("--epochs", type=_positive(int), default=10, help="total epochs to train")
-    t.add_argument("--batch-size", type=_positive(int), default=128, help="rows per Adam step")
-    t.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam learning rate")
+    t.add_argument(
+        "--batch-size",
+        type=_positive(int),
+        default=None,
+        help="rows per Adam step (default: 128, or the resumed run's)",
+    )
+    t.add_argument(
+        "--lr",
+        type=_positive(float),
+        default=None,
+        help="Adam learning rate (default: 0.001, or the resumed run's)",
+    )
     t.add_argument(
         "--hidden-dims",
         type=_dims,
@@ -141,10 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--binarize",
         choices=("none", "dynamic"),
-        default="none",
+        default=None,
         help="dynamic: train on a fresh Bernoulli draw of every image each epoch and evaluate "
-        "on a fixed binarized test set (binarized MNIST, as papers report); pass it again "
-        "with --resume",
+        "on a fixed binarized test set (binarized MNIST, as papers report) (default: none, or "
+        "the resumed run's)",
     )
     t.add_argument("--seed", metavar="S", type=_non_negative_int, default=0, help="random seed")
     _add_threads(t)
@@ -297,14 +307,20 @@ def _train(args: argparse.Namespace) -> int:
     model_path = out / MODEL_FILE
     x_train, _ = load_mnist("train", root=args.data)
     x_test, y_test = load_mnist("test", root=args.data)
-    dynamic = args.binarize == "dynamic"
-    # Dynamic binarization is scored on one fixed Bernoulli draw of the test set.
-    x_eval = binarize(x_test) if dynamic else x_test
 
+    # Training settings: the flags, else the resumed run's, else the defaults.
+    saved: dict[str, Any] = {}
     if args.resume:
         vae = VAE.load(model_path, threads=args.threads)
+        saved = getattr(vae, "fit_params_", {})
         print(f"resuming {model_path} at epoch {len(vae.history_['epoch'])}", file=sys.stderr)
-    else:
+    batch_size = args.batch_size or saved.get("batch_size", 128)
+    lr = args.lr or saved.get("lr", 1e-3)
+    mode = args.binarize or saved.get("binarize") or "none"
+    dynamic = mode == "dynamic"
+    # Dynamic binarization is scored on one fixed Bernoulli draw of the test set.
+    x_eval = binarize(x_test) if dynamic else x_test
+    if not args.resume:
         vae = VAE(
             input_dim=x_train.shape[1],
             hidden_dims=args.hidden_dims,
@@ -319,8 +335,8 @@ def _train(args: argparse.Namespace) -> int:
         vae.fit(
             x_train,
             epochs=1,
-            batch_size=args.batch_size,
-            lr=args.lr,
+            batch_size=batch_size,
+            lr=lr,
             validation_data=x_eval,
             progress=not args.no_progress,
             binarize="dynamic" if dynamic else None,

@@ -115,6 +115,8 @@ class VAE:
     history_ : dict of lists
         Per epoch: ``epoch``, ``train_loss``, ``val_loss`` (None without validation data),
         ``samples_per_sec`` and ``seconds``.
+    fit_params_ : dict
+        ``batch_size``, ``lr`` and ``binarize`` of the latest ``fit``, saved with the model.
     """
 
     def __init__(
@@ -283,6 +285,12 @@ class VAE:
             val = self._rows(validation_data, "validation_data")
         with self._lock:
             model = self._ensure_model()
+            # Saved with the model, so a resumed run can continue as it was trained.
+            self.fit_params_: dict[str, Any] = {
+                "batch_size": batch_size,
+                "lr": float(lr),
+                "binarize": binarize,
+            }
             for _ in range(epochs):
                 self._fit_epoch(
                     model, data, val, batch_size, float(lr), progress, binarize == "dynamic"
