@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import __version__
-from .errors import FastVAEError
+from .errors import DataError, FastVAEError
 
 if TYPE_CHECKING:
     from .model import VAE
@@ -469,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (FastVAEError, OSError, FloatingPointError, _UsageError) as e:
         print(f"fastvae: error: {e}", file=sys.stderr)
+        if isinstance(e, DataError):
+            print("fastvae: on the command line, --data DIR names the folder", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastvae: interrupted", file=sys.stderr)
