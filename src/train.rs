@@ -361,9 +361,8 @@ impl Model {
         run.mean_loss()
     }
 
-    /// Loss and gradients for one batch with the given noise, without changing the model
-    /// (for tests and checks). x (B, D), eps (B, Z).
-    pub fn loss_and_grads(&self, x: &Dataset, eps: &[f32]) -> Result<(f64, Vec<f32>)> {
+    /// A workspace holding batch x (B, D) and noise eps (B, Z), for the checks below.
+    fn batch_with_noise(&self, x: &Dataset, eps: &[f32]) -> Result<Workspace> {
         self.check_data(x)?;
         let zdim = self.vae.config.latent_dim;
         if eps.len() != x.n * zdim {
@@ -375,6 +374,13 @@ impl Model {
         let mut ws = Workspace::new(&self.vae.config, x.n, true);
         ws.x.copy_from_slice(&x.data);
         ws.eps.copy_from_slice(eps);
+        Ok(ws)
+    }
+
+    /// Loss and gradients for one batch with the given noise, without changing the model
+    /// (for tests and checks). x (B, D), eps (B, Z).
+    pub fn loss_and_grads(&self, x: &Dataset, eps: &[f32]) -> Result<(f64, Vec<f32>)> {
+        let mut ws = self.batch_with_noise(x, eps)?;
         let mut grads = vec![0.0; self.vae.params.len()];
         let vae = &self.vae;
         let rows: Vec<u32> = (0..x.n as u32).collect();
@@ -392,18 +398,8 @@ impl Model {
     /// One training step on the given batch and noise, exactly as `run` takes it (for tests);
     /// returns the batch loss.
     pub fn step_with_noise(&mut self, x: &Dataset, eps: &[f32], lr: f64) -> Result<f64> {
-        self.check_data(x)?;
-        let zdim = self.vae.config.latent_dim;
-        if eps.len() != x.n * zdim {
-            return Err(VaeError::Input(format!(
-                "eps must have shape ({}, {zdim})",
-                x.n
-            )));
-        }
         check_lr(lr)?;
-        let mut ws = Workspace::new(&self.vae.config, x.n, true);
-        ws.x.copy_from_slice(&x.data);
-        ws.eps.copy_from_slice(eps);
+        let mut ws = self.batch_with_noise(x, eps)?;
         let cfg = AdamConfig {
             lr,
             ..AdamConfig::default()
