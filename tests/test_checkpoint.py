@@ -617,7 +617,8 @@ def test_save_is_atomic_under_sigkill(tmp_path: Path) -> None:
         loaded = VAE.load(target, threads=1)
         found[digests.get(_digest(loaded), "SOMETHING ELSE")] += 1
         # The only possible debris: temporary files ".m.safetensors.tmp-<pid>-<time>" that
-        # the killed process had not yet renamed (a SIGKILL leaves them; nothing can clean up).
+        # the killed process had not yet renamed (a SIGKILL leaves them; the next save
+        # removes them, below).
         others = {f.name for f in out.iterdir()} - {"m.safetensors"}
         assert all(n.startswith(".m.safetensors.tmp-") for n in others), others
         debris |= others
@@ -627,6 +628,9 @@ def test_save_is_atomic_under_sigkill(tmp_path: Path) -> None:
     )
     assert found["SOMETHING ELSE"] == 0
     assert saves > 0 and found["A"] + found["B"] > 0
+    # The next save removes the temporary files of writers that no longer run.
+    VAE.load(target, threads=1).save(target)
+    assert {f.name for f in out.iterdir()} == {"m.safetensors"}
 
 
 # -- leaks -----------------------------------------------------------------------------------
