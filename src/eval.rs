@@ -59,13 +59,8 @@ impl Model {
         row_offset: usize,
         out: &mut [f64],
     ) -> Result<()> {
+        self.check_data(data)?;
         let cfg = &self.vae.config;
-        if data.d != cfg.input_dim {
-            return Err(VaeError::Input(format!(
-                "x has {} columns, expected shape (n, {})",
-                data.d, cfg.input_dim
-            )));
-        }
         if k == 0 || k > 1 << 24 {
             return Err(VaeError::Config(format!(
                 "k must be between 1 and {}, got {k}",

@@ -97,16 +97,18 @@ struct PyDataset {
 impl PyDataset {
     /// `sparse`: None picks the first layer's path by density; True or False forces it.
     #[new]
-    #[pyo3(signature = (x, sparse=None, name="x"))]
+    /// `name` and `first_row` locate bad values in error messages.
+    #[pyo3(signature = (x, sparse=None, name="x", first_row=0))]
     fn new(
         py: Python<'_>,
         x: &Bound<'_, PyAny>,
         sparse: Option<bool>,
         name: &str,
+        first_row: usize,
     ) -> PyResult<Self> {
         let (data, n, d) = copy_rows(x, name)?;
         let inner = py
-            .detach(|| Dataset::with_layout(data, n, d, sparse, name))
+            .detach(|| Dataset::with_layout(data, n, d, sparse, name, first_row))
             .map_err(to_py)?;
         Ok(PyDataset { inner })
     }

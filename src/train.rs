@@ -33,18 +33,20 @@ impl Dataset {
     /// Checks every value is finite and in [0, 1]; the error names the first bad entry. The
     /// sparse first layer is used when the data are sparse enough.
     pub fn new(data: Vec<f32>, n: usize, d: usize) -> Result<Self> {
-        Self::with_layout(data, n, d, None, "x")
+        Self::with_layout(data, n, d, None, "x", 0)
     }
 
     /// As `new`, with the first layer's path chosen: `Some(true)` sparse, `Some(false)` dense,
     /// `None` by density. Both give the same results up to float rounding.
-    /// `name` is the argument's name in error messages.
+    /// `name` is the argument's name in error messages, and `first_row` the index of the
+    /// first row there (for a piece of a larger array).
     pub fn with_layout(
         data: Vec<f32>,
         n: usize,
         d: usize,
         sparse: Option<bool>,
         name: &str,
+        first_row: usize,
     ) -> Result<Self> {
         if n == 0 || d == 0 {
             return Err(VaeError::Input(format!(
@@ -79,7 +81,7 @@ impl Dataset {
             };
             return Err(VaeError::Input(format!(
                 "{name}[{}, {}] is {what}; inputs must be finite intensities in [0, 1]",
-                i / d,
+                first_row + i / d,
                 i % d
             )));
         }
@@ -246,7 +248,7 @@ impl Model {
         self.pool.install(f)
     }
 
-    fn check_data(&self, data: &Dataset) -> Result<()> {
+    pub(crate) fn check_data(&self, data: &Dataset) -> Result<()> {
         if data.d != self.vae.config.input_dim {
             return Err(VaeError::Input(format!(
                 "x has {} columns but the model's input_dim is {}: expected shape (n, {})",

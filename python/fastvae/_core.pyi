@@ -56,9 +56,10 @@ class Dataset:
         x: NDArray[np.float32] | NDArray[np.float64],
         sparse: bool | None = None,
         name: str = "x",
+        first_row: int = 0,
     ) -> Dataset:
         """`sparse`: None picks the first layer's path by density; True or False forces it.
-        `name` is the argument's name in error messages."""
+        `name` and `first_row` locate bad values in error messages."""
     @property
     def shape(self) -> tuple[int, int]: ...
     @property

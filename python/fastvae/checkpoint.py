@@ -28,14 +28,18 @@ def save(vae: VAE, path: str | os.PathLike[str], include_optimizer: bool) -> Non
     model.save(os.fspath(path), include_optimizer, extra)
 
 
+def _json(raw: str, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"the file's {what}: not valid JSON ({e})") from e
+
+
 def _history(raw: str | None) -> dict[str, list[Any]]:
     empty: dict[str, list[Any]] = {k: [] for k in HISTORY_KEYS}
     if raw is None:
         return empty
-    try:
-        h = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"the file's training history is not valid JSON: {e}") from e
+    h = _json(raw, "training history")
     if not isinstance(h, dict) or not all(isinstance(h.get(k), list) for k in HISTORY_KEYS):
         raise CheckpointError("the file's training history has an unexpected layout")
     return {k: list(h[k]) for k in HISTORY_KEYS}
@@ -65,10 +69,7 @@ def load(cls: type[VAE], path: str | os.PathLike[str], threads: int | None) -> V
 def _fit_params(raw: str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
-    try:
-        p = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"the file's training settings are not valid JSON: {e}") from e
+    p = _json(raw, "training settings")
     ok = (
         isinstance(p, dict)
         and isinstance(p.get("batch_size"), int)

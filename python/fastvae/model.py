@@ -555,19 +555,12 @@ class _MappedRows:
         self.name = name
         self.shape = arr.shape
         for start in range(0, arr.shape[0], self.PIECE_ROWS):
-            piece = np.asarray(arr[start : start + self.PIECE_ROWS])
-            bad = ~((piece >= 0) & (piece <= 1))
-            if bad.any():
-                r, c = np.argwhere(bad)[0]
-                v = piece[r, c]
-                what = "NaN" if np.isnan(v) else (f"{v}" if np.isinf(v) else f"{v}, outside [0, 1]")
-                raise InputError(
-                    f"{name}[{start + r}, {c}] is {what}; inputs must be finite intensities in "
-                    "[0, 1]"
-                )
+            self.read(start, start + self.PIECE_ROWS)  # the core checks each piece
 
     def read(self, start: int, end: int) -> _core.Dataset:
-        return _core.Dataset(np.ascontiguousarray(self.arr[start:end]), name=self.name)
+        # Pieces are only evaluated, which never takes the sparse path: no index needed.
+        piece = np.ascontiguousarray(self.arr[start:end])
+        return _core.Dataset(piece, sparse=False, name=self.name, first_row=start)
 
     def pieces(self) -> Iterator[tuple[int, _core.Dataset]]:
         for start in range(0, self.shape[0], self.PIECE_ROWS):
