@@ -82,7 +82,7 @@ impl Model {
                     let g = group.min(end - e0);
                     // q(z|x) for the group's examples.
                     ws.x[..g * d].copy_from_slice(&data.data[e0 * d..(e0 + g) * d]);
-                    self.vae.encode_forward(&mut ws, g, None);
+                    self.vae.encode_forward(&mut ws, g, false);
                     head[..g * 2 * zdim].copy_from_slice(&ws.head[..g * 2 * zdim]);
                     let mut lse = vec![LogSumExp::new(); g];
                     let mut rngs: Vec<_> = (0..g)

@@ -10,7 +10,7 @@ use crate::layers::{
     linear_forward, matmul, reparam_kl_backward, reparam_kl_forward, Layout as MatLayout,
 };
 use crate::params::{Layout, LinearLayout};
-use crate::sparse::{first_layer_forward, SparseBatch};
+use crate::sparse::{first_layer_forward, first_layer_weight_grad, BatchColumns, GradSink};
 
 /// Architecture and weights; no optimizer state.
 #[derive(Debug, Clone)]
@@ -47,6 +47,18 @@ pub struct Workspace {
     pub dhead: Vec<f32>,
     pub dz: Vec<f32>,
     pub ddec: Vec<Vec<f32>>,
+    /// The batch's nonzeros by input column, when the first layer runs sparse.
+    pub cols: BatchColumns,
+}
+
+/// What `loss_backward` does with the first layer's weight gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstWeight {
+    /// Compute it into the gradients.
+    Compute,
+    /// Leave it for the caller (`first_layer_weight_grad`, or fused with Adam): ws.denc[0]
+    /// holds the gradient it comes from.
+    Defer,
 }
 
 impl Workspace {
@@ -70,6 +82,7 @@ impl Workspace {
             kl: vec![0.0; cap],
             dhead: grad(2 * z),
             dz: grad(z),
+            cols: BatchColumns::default(),
         }
     }
 }
@@ -98,16 +111,21 @@ impl Vae {
     }
 
     /// ws.x[..n] -> ws.head[..n] = [mu | logvar].
-    /// With `sparse` (the batch's rows in a sparse data set), the first layer skips zero
-    /// inputs.
-    pub fn encode_forward(&self, ws: &mut Workspace, n: usize, sparse: Option<SparseBatch<'_>>) {
+    /// With `sparse`, the batch's nonzeros are indexed (in ws.cols) and the first layer skips
+    /// zero inputs, here and in the weight gradient.
+    pub fn encode_forward(&self, ws: &mut Workspace, n: usize, sparse: bool) {
         let p = &self.params;
         let mut inp: &[f32] = &ws.x[..n * self.config.input_dim];
+        ws.cols.clear();
         for (l, out) in self.layout.encoder.iter().zip(ws.enc.iter_mut()) {
             let (w, b) = weights(p, l);
             let out = &mut out[..n * l.out_dim];
             if l.transposed {
-                first_layer_forward(out, inp, sparse, w, b, n, l.in_dim, l.out_dim, self.act());
+                if sparse {
+                    ws.cols.build(inp, n, l.in_dim);
+                }
+                let cols = ws.cols.get();
+                first_layer_forward(out, inp, cols, w, b, n, l.in_dim, l.out_dim, self.act());
             } else {
                 linear_forward(out, inp, w, b, n, l.in_dim, l.out_dim, Some(self.act()));
             }
@@ -167,7 +185,7 @@ impl Vae {
     }
 
     /// Full forward pass for n rows given ws.x and ws.eps; leaves logits in ws.dec.last().
-    pub fn forward(&self, ws: &mut Workspace, n: usize, sparse: Option<SparseBatch<'_>>) {
+    pub fn forward(&self, ws: &mut Workspace, n: usize, sparse: bool) {
         self.encode_forward(ws, n, sparse);
         self.reparameterize(ws, n);
         self.decode_forward(ws, n);
@@ -190,12 +208,14 @@ impl Vae {
     /// every parameter written into `grads` (laid out as the parameters).
     ///
     /// With `check_finite`, a non-finite loss is an error (before any gradient is computed).
+    /// `first` says whether the first layer's weight gradient is computed or left to the caller.
     pub fn loss_backward(
         &self,
         grads: &mut [f32],
         ws: &mut Workspace,
         n: usize,
         check_finite: bool,
+        first: FirstWeight,
     ) -> Result<f64, String> {
         debug_assert_eq!(grads.len(), self.params.len());
         self.reconstruction_loss(ws, n, true);
@@ -268,11 +288,12 @@ impl Vae {
             let dout = &mut denc_from_i[0][..n * l.out_dim];
             activation_backward(dout, &ws.enc[i][..n * l.out_dim], l.out_dim, act);
             if l.transposed {
-                // The first layer: no input gradient, weight stored (I, O): dwt = x^T dout.
-                let x = &ws.x[..n * d_in];
-                let (lhs, rhs) = (MatLayout::Transposed, MatLayout::Normal);
-                matmul(dw, x, lhs, dout, rhs, l.in_dim, n, l.out_dim);
+                // The first layer: no input gradient.
                 bias_backward(db, dout, n, l.out_dim);
+                if first == FirstWeight::Compute {
+                    let (x, cols) = (&ws.x[..n * d_in], ws.cols.get());
+                    first_weight_grad(dw, x, cols, dout, n, l.in_dim, l.out_dim);
+                }
             } else {
                 let (inp, dinp): (&[f32], Option<&mut [f32]>) = if i == 0 {
                     (&ws.x[..n * d_in], None)
@@ -286,5 +307,36 @@ impl Vae {
             }
         }
         Ok(loss)
+    }
+
+    /// After `loss_backward(.., FirstWeight::Defer)`: the first layer's weight gradient into
+    /// `grads`.
+    pub fn first_layer_weight_grad(&self, grads: &mut [f32], ws: &Workspace, n: usize) {
+        let l = &self.layout.encoder[0];
+        debug_assert!(l.transposed);
+        let (dw, _) = weight_grads(grads, l);
+        let (x, cols) = (&ws.x[..n * l.in_dim], ws.cols.get());
+        let dh = &ws.denc[0][..n * l.out_dim];
+        first_weight_grad(dw, x, cols, dh, n, l.in_dim, l.out_dim);
+    }
+}
+
+/// dwt (I, O) = x^T dh for the first layer, x (B, I) and dh (B, O): from the batch's nonzeros
+/// when `cols` indexes them, else as a dense product.
+fn first_weight_grad(
+    dwt: &mut [f32],
+    x: &[f32],
+    cols: Option<&BatchColumns>,
+    dh: &[f32],
+    n: usize,
+    i: usize,
+    o: usize,
+) {
+    match cols {
+        Some(cols) => first_layer_weight_grad(GradSink::Store(dwt), cols, dh, i, o),
+        None => {
+            let (lhs, rhs) = (MatLayout::Transposed, MatLayout::Normal);
+            matmul(dwt, x, lhs, dh, rhs, i, n, o);
+        }
     }
 }

@@ -51,21 +51,13 @@ const CHUNK: usize = 1 << 14;
 /// One Adam step over all parameters: advances t, then `adam_update` on everything.
 pub fn adam_step(params: &mut [f32], grads: &[f32], state: &mut AdamState, cfg: AdamConfig) {
     state.t += 1;
-    adam_update(params, grads, &mut state.m, &mut state.v, state.t, cfg);
+    let k = AdamKernel::new(state.t, cfg);
+    adam_update(params, grads, &mut state.m, &mut state.v, k);
 }
 
-/// The Adam update at step t (>= 1) of one range of parameters with their gradients and
-/// moments, in parallel; the training step calls it per layer while that layer's gradient is
-/// still in cache.
-pub fn adam_update(
-    params: &mut [f32],
-    grads: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    t: u64,
-    cfg: AdamConfig,
-) {
-    let k = AdamKernel::new(t, cfg);
+/// The Adam update with constants `k` of one range of parameters with their gradients and
+/// moments, in parallel; the training step calls it per layer.
+pub fn adam_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], k: AdamKernel) {
     adam_split(params, grads, m, v, k, rayon::current_num_threads());
 }
 
@@ -89,7 +81,8 @@ fn adam_split(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: AdamKer
 }
 
 impl AdamKernel {
-    fn new(t: u64, cfg: AdamConfig) -> Self {
+    /// The constants of the update at step t (>= 1).
+    pub fn new(t: u64, cfg: AdamConfig) -> Self {
         debug_assert!(t >= 1);
         let t = t.min(i32::MAX as u64) as i32;
         let bc1 = 1.0 - cfg.beta1.powi(t);
@@ -106,8 +99,9 @@ impl AdamKernel {
     }
 }
 
+/// Adam's per-step constants, for kernels that apply the update themselves.
 #[derive(Clone, Copy)]
-struct AdamKernel {
+pub struct AdamKernel {
     b1: f32,
     b2: f32,
     one_minus_b1: f32,
@@ -117,8 +111,16 @@ struct AdamKernel {
     inv_bc2_sqrt: f32,
 }
 
+/// The update of one slice; `#[inline(always)]` so that fused kernels compiled for a wider
+/// instruction set vectorize it with themselves.
 #[inline(always)]
-fn adam_chunk_generic(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: AdamKernel) {
+pub(crate) fn adam_chunk_generic(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    k: AdamKernel,
+) {
     let n = p.len().min(g.len()).min(m.len()).min(v.len());
     let (p, g, m, v) = (&mut p[..n], &g[..n], &mut m[..n], &mut v[..n]);
     for i in 0..n {
@@ -136,23 +138,30 @@ dispatch!(fn adam_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], 
 /// True when every value is finite; checked before a step is applied so a diverging run
 /// keeps its last finite weights.
 pub fn all_finite(values: &[f32]) -> bool {
-    values.par_chunks(CHUNK).all(chunk_finite)
+    all_within(values, f32::MAX)
+}
+
+/// True when every |value| <= limit (false for NaN).
+pub fn all_within(values: &[f32], limit: f32) -> bool {
+    values
+        .par_chunks(CHUNK)
+        .all(|chunk| chunk_within(chunk, limit))
 }
 
 #[inline(always)]
-fn chunk_finite_generic(values: &[f32]) -> bool {
-    // Lane-wise AND over |v| <= MAX (false for NaN and inf), so it vectorizes.
+fn chunk_within_generic(values: &[f32], limit: f32) -> bool {
+    // Lane-wise AND over |v| <= limit (false for NaN), so it vectorizes.
     let mut ok = [true; 16];
     let mut chunks = values.chunks_exact(16);
     for c in &mut chunks {
         for k in 0..16 {
-            ok[k] &= c[k].abs() <= f32::MAX;
+            ok[k] &= c[k].abs() <= limit;
         }
     }
-    ok.iter().all(|&o| o) && chunks.remainder().iter().all(|v| v.is_finite())
+    ok.iter().all(|&o| o) && chunks.remainder().iter().all(|v| v.abs() <= limit)
 }
 
-dispatch!(fn chunk_finite(values: &[f32]) -> bool = chunk_finite_generic);
+dispatch!(fn chunk_within(values: &[f32], limit: f32) -> bool = chunk_within_generic);
 
 #[cfg(test)]
 mod tests {

@@ -121,7 +121,7 @@ impl PyDataset {
     /// Whether training on this data uses the sparse first layer.
     #[getter]
     fn sparse(&self) -> bool {
-        self.inner.sparse.is_some()
+        self.inner.sparse
     }
 }
 

@@ -7,12 +7,13 @@
 use crate::config::Config;
 use crate::error::{Result, VaeError};
 use crate::layers::for_rows;
-use crate::model::{Vae, Workspace};
-use crate::optim::{adam_update, all_finite, AdamConfig, AdamState};
+use crate::model::{FirstWeight, Vae, Workspace};
+use crate::optim::{adam_update, all_finite, all_within, AdamConfig, AdamKernel, AdamState};
 use crate::rng::{binarize as binarize_row, fill_normal, permutation, stream, Purpose};
 use crate::simd::{dispatch, LANES};
-use crate::sparse::{SparseBatch, SparseRows, MAX_DENSITY};
+use crate::sparse::{first_layer_weight_grad, GradSink, MAX_DENSITY};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Rows per inference chunk; evaluation noise is keyed by chunk, so this fixes the results.
@@ -25,8 +26,8 @@ pub struct Dataset {
     pub data: Vec<f32>,
     pub n: usize,
     pub d: usize,
-    /// The nonzeros of each row, when sparse enough for the sparse first layer to gain.
-    pub sparse: Option<SparseRows>,
+    /// Whether the first layer skips zero inputs (decided by density unless forced).
+    pub sparse: bool,
 }
 
 impl Dataset {
@@ -85,11 +86,10 @@ impl Dataset {
                 i % d
             )));
         }
-        let sparse = match sparse {
-            None => SparseRows::build(&data, n, d, MAX_DENSITY),
-            Some(true) => SparseRows::build(&data, n, d, 1.0),
-            Some(false) => None,
-        };
+        let sparse = sparse.unwrap_or_else(|| {
+            let nnz: usize = data.par_iter().filter(|&&v| v != 0.0).count();
+            nnz as f64 <= MAX_DENSITY * data.len() as f64
+        });
         Ok(Dataset { data, n, d, sparse })
     }
 }
@@ -299,8 +299,7 @@ impl Model {
                     let rows = &run.order[run.next..end];
                     let n = rows.len();
                     gather(&mut trainer.ws.x[..n * data.d], data, rows);
-                    let sparse = data.sparse.as_ref().map(|data| SparseBatch { data, rows });
-                    run.loss_sum += trainer.step(n, sparse, run.binarize)?;
+                    run.loss_sum += trainer.step(n, data.sparse, run.binarize)?;
                     run.next = end;
                 }
                 Ok(())
@@ -341,14 +340,9 @@ impl Model {
         self.check_data(batch)?;
         check_lr(lr)?;
         let n = batch.n;
-        let rows: Vec<u32> = (0..n as u32).collect();
         let (mut trainer, pool) = self.trainer(n, lr);
         trainer.ws.x[..n * batch.d].copy_from_slice(&batch.data);
-        let sparse = batch
-            .sparse
-            .as_ref()
-            .map(|data| SparseBatch { data, rows: &rows });
-        pool.install(|| trainer.step(n, sparse, binarize))
+        pool.install(|| trainer.step(n, batch.sparse, binarize))
     }
 
     /// Count an epoch trained with `train_batch`.
@@ -385,14 +379,9 @@ impl Model {
         let mut ws = self.batch_with_noise(x, eps)?;
         let mut grads = vec![0.0; self.vae.params.len()];
         let vae = &self.vae;
-        let rows: Vec<u32> = (0..x.n as u32).collect();
-        let sparse = x
-            .sparse
-            .as_ref()
-            .map(|data| SparseBatch { data, rows: &rows });
         let loss = self.pool.install(|| {
-            vae.forward(&mut ws, x.n, sparse);
-            vae.loss_backward(&mut grads, &mut ws, x.n, false)
+            vae.forward(&mut ws, x.n, x.sparse);
+            vae.loss_backward(&mut grads, &mut ws, x.n, false, FirstWeight::Compute)
         });
         Ok((loss.expect("only an update checks finiteness"), grads))
     }
@@ -408,13 +397,8 @@ impl Model {
         };
         let (vae, grads, adam, epoch) =
             (&mut self.vae, &mut self.grads, &mut self.adam, self.epoch);
-        let rows: Vec<u32> = (0..x.n as u32).collect();
-        let sparse = x
-            .sparse
-            .as_ref()
-            .map(|data| SparseBatch { data, rows: &rows });
         self.pool
-            .install(|| train_step(vae, grads, adam, &mut ws, x.n, sparse, cfg, epoch))
+            .install(|| train_step(vae, grads, adam, &mut ws, x.n, x.sparse, cfg, epoch))
     }
 
     /// Per-example ELBO (= -(BCE + KL), one z sample each) for rows [start, end) of `data`,
@@ -451,7 +435,7 @@ impl Model {
                     &mut stream(seed, Purpose::EvalNoise, chunk),
                     &mut ws.eps[..n * zdim],
                 );
-                self.vae.forward(&mut ws, n, None);
+                self.vae.forward(&mut ws, n, false);
                 self.vae.reconstruction_loss(&mut ws, n, false);
                 let o = &mut out[lo - start..lo - start + n];
                 for (r, v) in o.iter_mut().enumerate() {
@@ -473,7 +457,7 @@ impl Model {
             for lo in (0..data.n).step_by(EVAL_CHUNK) {
                 let n = (data.n - lo).min(EVAL_CHUNK);
                 ws.x[..n * d].copy_from_slice(&data.data[lo * d..(lo + n) * d]);
-                self.vae.encode_forward(&mut ws, n, None);
+                self.vae.encode_forward(&mut ws, n, false);
                 for r in 0..n {
                     let h = &ws.head[r * 2 * zdim..(r + 1) * 2 * zdim];
                     mu[(lo + r) * zdim..(lo + r + 1) * zdim].copy_from_slice(&h[..zdim]);
@@ -541,25 +525,21 @@ struct Trainer<'a> {
 
 impl Trainer<'_> {
     /// One step on the n rows already in ws.x: draws the noise (and, with `binarize`, the
-    /// binarization) keyed by the step, then `train_step`. Binarized batches take the dense
-    /// first layer: their nonzeros are a fresh subset of the data set's.
-    fn step(&mut self, n: usize, sparse: Option<SparseBatch<'_>>, binarize: bool) -> Result<f64> {
+    /// binarization) keyed by the step, then `train_step`.
+    fn step(&mut self, n: usize, sparse: bool, binarize: bool) -> Result<f64> {
         let (seed, step) = (self.seed, self.adam.t);
         let (d, zdim) = (self.vae.config.input_dim, self.vae.config.latent_dim);
         fill_normal(
             &mut stream(seed, Purpose::TrainNoise, step),
             &mut self.ws.eps[..n * zdim],
         );
-        let sparse = if binarize {
+        if binarize {
             // One stream per (step, row), so rows binarize in parallel.
             for_rows(&mut self.ws.x[..n * d], d, |r, row| {
                 let key = (step << 24) ^ r as u64;
                 binarize_row(&mut stream(seed, Purpose::Binarize, key), row)
             });
-            None
-        } else {
-            sparse
-        };
+        }
         let Trainer {
             vae,
             grads,
@@ -573,44 +553,96 @@ impl Trainer<'_> {
     }
 }
 
+/// Bound on n * max |dh| under which the first layer's weight gradient, a sum over n rows of
+/// x * dh with x in [0, 1], is finite however its float sums round.
+const FIRST_GRAD_LIMIT: f32 = 1e37;
+
 #[allow(clippy::too_many_arguments)]
 /// One step on the batch in ws.x with the noise in ws.eps: forward, backward, Adam. On a
 /// non-finite loss or gradient no weight moves; the error names the epoch and step.
+///
+/// When the batch's nonzeros are indexed, the first layer's weight gradient is never stored:
+/// each block of it is summed and goes straight into that block's Adam update. Every other
+/// gradient is checked first, and that one is finite by a bound on its inputs, so no weight
+/// moves on a step that would have failed the check.
 fn train_step(
     vae: &mut Vae,
     grads: &mut [f32],
     adam: &mut AdamState,
     ws: &mut Workspace,
     n: usize,
-    sparse: Option<SparseBatch<'_>>,
+    sparse: bool,
     cfg: AdamConfig,
     epoch: u64,
 ) -> Result<f64> {
     vae.forward(ws, n, sparse);
     let step = adam.t + 1;
+    let nonfinite = |what: String| VaeError::NonFinite {
+        epoch: epoch + 1,
+        step,
+        what,
+    };
+    let fused = ws.cols.get().is_some();
+    let first = if fused {
+        FirstWeight::Defer
+    } else {
+        FirstWeight::Compute
+    };
     let loss = vae
-        .loss_backward(grads, ws, n, true)
-        .map_err(|what| VaeError::NonFinite {
-            epoch: epoch + 1,
-            step,
-            what,
-        })?;
+        .loss_backward(grads, ws, n, true, first)
+        .map_err(nonfinite)?;
+    let kernel = AdamKernel::new(step, cfg);
+    if fused {
+        let l = &vae.layout.encoder[0];
+        let w1 = l.weight.clone();
+        let dh = &ws.denc[0][..n * l.out_dim];
+        if all_finite(&grads[..w1.start])
+            && all_finite(&grads[w1.end..])
+            && all_within(dh, FIRST_GRAD_LIMIT / n as f32)
+        {
+            let sink = GradSink::Adam {
+                wt: &mut vae.params[w1.clone()],
+                m: &mut adam.m[w1.clone()],
+                v: &mut adam.v[w1.clone()],
+                kernel,
+            };
+            let cols = ws.cols.get().expect("indexed");
+            first_layer_weight_grad(sink, cols, dh, l.in_dim, l.out_dim);
+            adam_ranges(vae, grads, adam, kernel, Some(w1));
+            adam.t = step;
+            return Ok(loss);
+        }
+        // Outside the bound (or about to fail the check): the plain order.
+        vae.first_layer_weight_grad(grads, ws, n);
+    }
     // One pass over all gradients before any weight moves.
     if !all_finite(grads) {
-        return Err(VaeError::NonFinite {
-            epoch: epoch + 1,
-            step,
-            what: "a gradient is not finite".into(),
-        });
+        return Err(nonfinite("a gradient is not finite".into()));
     }
-    // Layer by layer, so each range splits across threads as its gradient product did.
-    for l in vae.layout.layers() {
-        let r = l.weight.start..l.bias.end;
-        let (p, g) = (&mut vae.params[r.clone()], &grads[r.clone()]);
-        adam_update(p, g, &mut adam.m[r.clone()], &mut adam.v[r], step, cfg);
-    }
+    adam_ranges(vae, grads, adam, kernel, None);
     adam.t = step;
     Ok(loss)
+}
+
+/// Adam on every parameter but those in `skip` (the start of a layer's range), layer by
+/// layer, so each range splits across threads as its gradient product did.
+fn adam_ranges(
+    vae: &mut Vae,
+    grads: &[f32],
+    adam: &mut AdamState,
+    kernel: AdamKernel,
+    skip: Option<Range<usize>>,
+) {
+    for l in vae.layout.layers() {
+        let mut r = l.weight.start..l.bias.end;
+        if let Some(s) = &skip {
+            if s.start == r.start {
+                r.start = s.end;
+            }
+        }
+        let (p, g) = (&mut vae.params[r.clone()], &grads[r.clone()]);
+        adam_update(p, g, &mut adam.m[r.clone()], &mut adam.v[r], kernel);
+    }
 }
 
 /// Largest array the core returns, in elements (4 GiB of f32).

@@ -130,10 +130,17 @@ def assert_grads_match(
 # --------------------------------------------------------------------------------------------
 
 
+# The first layer's two paths: dense products, or only the nonzero inputs (which MNIST takes).
+FIRST_LAYER = {"dense": False, "sparse": True}
+
+
+@pytest.mark.parametrize("first_layer", sorted(FIRST_LAYER))
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", BATCH_SIZES)
 @pytest.mark.parametrize("config", SMALL_CONFIGS, ids=CONFIG_IDS)
-def test_loss_and_grads_match_numpy(config: Config, batch: int, threads: int) -> None:
+def test_loss_and_grads_match_numpy(
+    config: Config, batch: int, threads: int, first_layer: str
+) -> None:
     weights, x, eps = make_case(config, batch, seed=1)
     vae = VAE(
         input_dim=config.input_dim,
@@ -145,10 +152,10 @@ def test_loss_and_grads_match_numpy(config: Config, batch: int, threads: int) ->
     ).set_weights(weights)
     model = vae.model_
 
-    loss, grads = model.loss_and_grads(_core.Dataset(x), eps)
+    loss, grads = model.loss_and_grads(_core.Dataset(x, sparse=FIRST_LAYER[first_layer]), eps)
     ref_loss, ref_grads = nv.loss_and_grads(weights, x, eps, config.activation)
 
-    what = f"{config.id} B={batch} threads={threads}"
+    what = f"{config.id} B={batch} threads={threads} {first_layer}"
     assert isinstance(loss, float)
     assert math.isclose(loss, ref_loss, rel_tol=LOSS_RTOL), (
         f"{what}: loss {loss!r} != numpy {ref_loss!r} (diff {abs(loss - ref_loss):.3e})"
@@ -457,24 +464,28 @@ def test_encode_decode_with_constant_weights() -> None:
 ADAM_CASES = [*SMALL_CONFIGS, Config(8, (6,), 3, "tanh")]
 
 
+@pytest.mark.parametrize("first_layer", sorted(FIRST_LAYER))
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [3, 130])
 @pytest.mark.parametrize("config", ADAM_CASES, ids=[c.id for c in ADAM_CASES])
-def test_three_adam_steps_match_numpy(config: Config, batch: int, threads: int) -> None:
+def test_three_adam_steps_match_numpy(
+    config: Config, batch: int, threads: int, first_layer: str
+) -> None:
     """Three step_with_noise calls against NumPy gradients + NumPy Adam, all in float64.
 
     Adam divides each gradient entry by its own magnitude, so an entry much smaller than the
     rest of its tensor carries the float32 rounding of the core's gradient into the update
     almost undiminished: the weights are compared to 1e-5 of the tensor's scale plus 1e-3 of
-    a step (lr). The Adam update alone is checked tightly in the next test."""
+    a step (lr). The Adam update alone is checked tightly in the next test. On the sparse
+    path the first layer's gradient goes straight into its Adam update, never stored."""
     weights, x, eps = make_case(config, batch, seed=11)
     lr = 1e-2
     model = core_model(config, weights, threads)
-    data = _core.Dataset(x)
+    data = _core.Dataset(x, sparse=FIRST_LAYER[first_layer])
 
     ref_w = {k: v.astype(np.float64) for k, v in weights.items()}
     state = nv.AdamState.zeros(ref_w)
-    what = f"{config.id} B={batch} threads={threads}"
+    what = f"{config.id} B={batch} threads={threads} {first_layer}"
     for step in range(1, 4):
         ref_loss, ref_grads = nv.loss_and_grads(ref_w, x, eps, config.activation)
         loss = model.step_with_noise(data, eps, lr)
@@ -496,14 +507,18 @@ def test_three_adam_steps_match_numpy(config: Config, batch: int, threads: int) 
         assert_close_scaled(m[name], state.m[name], ADAM_RTOL, f"{what}: Adam m of {name}")
 
 
+@pytest.mark.parametrize("first_layer", sorted(FIRST_LAYER))
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("config", ADAM_CASES, ids=[c.id for c in ADAM_CASES])
-def test_adam_update_matches_numpy_on_the_cores_gradients(config: Config, threads: int) -> None:
-    """Each step_with_noise equals NumPy's Adam applied to the core's own gradients there."""
+def test_adam_update_matches_numpy_on_the_cores_gradients(
+    config: Config, threads: int, first_layer: str
+) -> None:
+    """Each step_with_noise equals NumPy's Adam applied to the core's own gradients there
+    (on the sparse path, the gradients loss_and_grads stores against the fused update)."""
     weights, x, eps = make_case(config, 130, seed=12)
     lr = 1e-2
     model = core_model(config, weights, threads)
-    data = _core.Dataset(x)
+    data = _core.Dataset(x, sparse=FIRST_LAYER[first_layer])
     state = nv.AdamState.zeros(weights)
     for step in range(1, 4):
         before = model.weights()
@@ -512,7 +527,7 @@ def test_adam_update_matches_numpy_on_the_cores_gradients(config: Config, thread
         want = nv.adam_step(before, grads, state, lr)
         got = model.weights()
         for name in weights:
-            what = f"{config.id} threads={threads} step {step}: {name}"
+            what = f"{config.id} threads={threads} {first_layer} step {step}: {name}"
             assert_close_scaled(got[name], want[name], 1e-6, what, atol=1e-5 * lr)
             # The update itself, to 1e-4 of a step.
             assert_close_scaled(
