@@ -658,11 +658,14 @@ pub fn output_len(n: usize, width: usize) -> Result<usize> {
     }
 }
 
-/// x (B, D) = the data rows named by `rows`.
+/// x (B, D) = the data rows named by `rows`, in one contiguous piece per thread: the same
+/// pieces the first layer's index is built from next (`BatchColumns::build`), so each thread
+/// tends to find its rows in its own cache.
 fn gather(x: &mut [f32], data: &Dataset, rows: &[u32]) {
     let d = data.d;
-    x.par_chunks_mut(d * 16)
-        .zip(rows.par_chunks(16))
+    let per_thread = rows.len().div_ceil(rayon::current_num_threads()).max(1);
+    x.par_chunks_mut(d * per_thread)
+        .zip(rows.par_chunks(per_thread))
         .for_each(|(dst, idx)| {
             for (row, &i) in dst.chunks_exact_mut(d).zip(idx) {
                 let i = i as usize;
