@@ -553,18 +553,49 @@ impl Trainer<'_> {
     }
 }
 
-/// Bound on n * max |dh| under which the first layer's weight gradient, a sum over n rows of
-/// x * dh with x in [0, 1], is finite however its float sums round.
-const FIRST_GRAD_LIMIT: f32 = 1e37;
+/// Bound on n * max |a| under which a weight gradient that sums n products a * c with
+/// |c| <= 1 is finite however its float sums round.
+const GRAD_SUM_LIMIT: f32 = 1e37;
+
+/// Whether every gradient is certainly finite, reading the two largest weight gradients'
+/// inputs instead of the gradients. Once the loss is finite every logit is, so the output
+/// layer's weight gradient sums dl * inp with |dl| = |sigmoid(l) - x| <= 1; the first layer's
+/// sums x * dh with x in [0, 1]. Each is finite when n * max of its other factor is bounded.
+/// The first layer's weight gradient need not have been computed.
+fn gradients_finite(vae: &Vae, grads: &[f32], ws: &Workspace, n: usize) -> bool {
+    let limit = GRAD_SUM_LIMIT / n as f32;
+    let layout = &vae.layout;
+    let out = layout.decoder.last().expect("decoder has an output layer");
+    let out_inp = match layout.decoder.len() {
+        1 => &ws.z[..n * out.in_dim],
+        k => &ws.dec[k - 2][..n * out.in_dim],
+    };
+    let mut skip = [out.weight.clone(), 0..0];
+    if let Some(first) = layout.encoder.first().filter(|l| l.transposed) {
+        if !all_within(&ws.denc[0][..n * first.out_dim], limit) {
+            return false;
+        }
+        skip[1] = first.weight.clone();
+    }
+    skip.sort_by_key(|r| r.start);
+    let mut from = 0;
+    for r in &skip {
+        if !all_finite(&grads[from..r.start]) {
+            return false;
+        }
+        from = r.end.max(from);
+    }
+    all_within(out_inp, limit) && all_finite(&grads[from..])
+}
 
 #[allow(clippy::too_many_arguments)]
 /// One step on the batch in ws.x with the noise in ws.eps: forward, backward, Adam. On a
 /// non-finite loss or gradient no weight moves; the error names the epoch and step.
 ///
 /// When the batch's nonzeros are indexed, the first layer's weight gradient is never stored:
-/// each block of it is summed and goes straight into that block's Adam update. Every other
-/// gradient is checked first, and that one is finite by a bound on its inputs, so no weight
-/// moves on a step that would have failed the check.
+/// each block of it is summed and goes straight into that block's Adam update. The other
+/// gradients are checked first, and that one is finite by a bound on its inputs
+/// (`gradients_finite`), so no weight moves on a step that would have failed the check.
 fn train_step(
     vae: &mut Vae,
     grads: &mut [f32],
@@ -592,30 +623,32 @@ fn train_step(
         .loss_backward(grads, ws, n, true, first)
         .map_err(nonfinite)?;
     let kernel = AdamKernel::new(step, cfg);
-    if fused {
-        let l = &vae.layout.encoder[0];
-        let w1 = l.weight.clone();
-        let dh = &ws.denc[0][..n * l.out_dim];
-        if all_finite(&grads[..w1.start])
-            && all_finite(&grads[w1.end..])
-            && all_within(dh, FIRST_GRAD_LIMIT / n as f32)
-        {
+    if gradients_finite(vae, grads, ws, n) {
+        let mut skip = None;
+        if fused {
+            let l = &vae.layout.encoder[0];
+            let w1 = l.weight.clone();
             let sink = GradSink::Adam {
                 wt: &mut vae.params[w1.clone()],
                 m: &mut adam.m[w1.clone()],
                 v: &mut adam.v[w1.clone()],
                 kernel,
             };
-            let cols = ws.cols.get().expect("indexed");
+            let (cols, dh) = (
+                ws.cols.get().expect("indexed"),
+                &ws.denc[0][..n * l.out_dim],
+            );
             first_layer_weight_grad(sink, cols, dh, l.in_dim, l.out_dim);
-            adam_ranges(vae, grads, adam, kernel, Some(w1));
-            adam.t = step;
-            return Ok(loss);
+            skip = Some(w1);
         }
-        // Outside the bound (or about to fail the check): the plain order.
+        adam_ranges(vae, grads, adam, kernel, skip);
+        adam.t = step;
+        return Ok(loss);
+    }
+    // Outside the bounds (or a gradient is not finite): every gradient, then the check.
+    if fused {
         vae.first_layer_weight_grad(grads, ws, n);
     }
-    // One pass over all gradients before any weight moves.
     if !all_finite(grads) {
         return Err(nonfinite("a gradient is not finite".into()));
     }
