@@ -81,7 +81,7 @@ impl Model {
                 for e0 in (start..end).step_by(group) {
                     let g = group.min(end - e0);
                     // q(z|x) for the group's examples.
-                    ws.x[..g * d].copy_from_slice(&data.data[e0 * d..(e0 + g) * d]);
+                    data.copy_rows(&mut ws.x[..g * d], e0, g);
                     self.vae.encode_forward(&mut ws, g, false);
                     head[..g * 2 * zdim].copy_from_slice(&ws.head[..g * 2 * zdim]);
                     let mut lse = vec![LogSumExp::new(); g];
@@ -96,10 +96,11 @@ impl Model {
                         let per = (k - done).min(cap / g);
                         let rows = g * per;
                         for i in 0..g {
-                            let xr = &data.data[(e0 + i) * d..(e0 + i + 1) * d];
-                            for j in 0..per {
+                            let first = i * per * d;
+                            data.copy_rows(&mut ws.x[first..first + d], e0 + i, 1);
+                            for j in 1..per {
                                 let r = i * per + j;
-                                ws.x[r * d..(r + 1) * d].copy_from_slice(xr);
+                                ws.x.copy_within(first..first + d, r * d);
                             }
                             fill_normal(
                                 &mut rngs[i],

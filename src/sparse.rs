@@ -241,12 +241,11 @@ fn sparse_block<const W: usize, const S: usize, const FMA: bool>(
             acc[0][k] = fmadd::<FMA>(v, r[k], acc[0][k]);
         }
     }
-    for s in 1..S {
-        for k in 0..W {
-            acc[0][k] += acc[s][k];
-        }
+    let (sum, rest) = acc.split_at_mut(1);
+    for chain in rest {
+        sum[0].iter_mut().zip(chain.iter()).for_each(|(a, b)| *a += b);
     }
-    out[..W].copy_from_slice(&acc[0]);
+    out[..W].copy_from_slice(&sum[0]);
 }
 
 /// out = bias[c0..] + sum over nonzeros of v * wt[i, c0..c0 + out.len()]: one row's columns

@@ -23,7 +23,7 @@ pub const EVAL_CHUNK: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct Dataset {
     /// (n, d) row-major.
-    pub data: Vec<f32>,
+    values: Values,
     pub n: usize,
     pub d: usize,
     /// Whether the first layer skips zero inputs (decided by density unless forced).
@@ -90,9 +90,78 @@ impl Dataset {
             let nnz: usize = data.par_iter().filter(|&&v| v != 0.0).count();
             nnz as f64 <= MAX_DENSITY * data.len() as f64
         });
-        Ok(Dataset { data, n, d, sparse })
+        let values = match Values::levels(&data) {
+            Some(levels) => Values::Levels(levels),
+            None => Values::F32(data),
+        };
+        Ok(Dataset {
+            values,
+            n,
+            d,
+            sparse,
+        })
+    }
+
+    /// dst (count, d) = rows [first, first + count).
+    pub fn copy_rows(&self, dst: &mut [f32], first: usize, count: usize) {
+        let span = first * self.d..(first + count) * self.d;
+        match &self.values {
+            Values::F32(v) => dst.copy_from_slice(&v[span]),
+            Values::Levels(k) => from_levels(dst, &k[span]),
+        }
+    }
+
+    /// Whether the values are held as 8-bit levels.
+    pub fn is_levels(&self) -> bool {
+        matches!(self.values, Values::Levels(_))
     }
 }
+
+/// How a data set's values are held.
+#[derive(Debug, Clone)]
+enum Values {
+    F32(Vec<f32>),
+    /// Every value is exactly k / 255 for a byte k (8-bit images scaled to [0, 1] as
+    /// `load_mnist` scales them), so the bytes are kept: a quarter of the memory, and a
+    /// quarter of the bytes a batch gathers from random rows.
+    Levels(Vec<u8>),
+}
+
+impl Values {
+    /// The values as bytes k with k / 255 == value bit for bit, if they all are.
+    fn levels(data: &[f32]) -> Option<Vec<u8>> {
+        let mut out = vec![0u8; data.len()];
+        let exact = out
+            .par_chunks_mut(1 << 16)
+            .zip(data.par_chunks(1 << 16))
+            .all(|(k, v)| to_levels(k, v));
+        exact.then_some(out)
+    }
+}
+
+/// k = round(v * 255) for each value; true when every k / 255 gives v back bit for bit.
+#[inline(always)]
+fn to_levels_generic(k: &mut [u8], v: &[f32]) -> bool {
+    let mut ok = true;
+    for (k, &v) in k.iter_mut().zip(v) {
+        let level = (v * 255.0).round().clamp(0.0, 255.0) as u8;
+        ok &= (level as f32 / 255.0).to_bits() == v.to_bits();
+        *k = level;
+    }
+    ok
+}
+
+dispatch!(fn to_levels(k: &mut [u8], v: &[f32]) -> bool = to_levels_generic);
+
+/// dst = k / 255 for each byte k, rounded as float32 division rounds (as numpy's).
+#[inline(always)]
+fn from_levels_generic(dst: &mut [f32], k: &[u8]) {
+    for (d, &k) in dst.iter_mut().zip(k) {
+        *d = k as f32 / 255.0;
+    }
+}
+
+dispatch!(fn from_levels(dst: &mut [f32], k: &[u8]) -> () = from_levels_generic);
 
 /// True when every value is in [0, 1] (false for NaN).
 #[inline(always)]
@@ -341,7 +410,7 @@ impl Model {
         check_lr(lr)?;
         let n = batch.n;
         let (mut trainer, pool) = self.trainer(n, lr);
-        trainer.ws.x[..n * batch.d].copy_from_slice(&batch.data);
+        batch.copy_rows(&mut trainer.ws.x[..n * batch.d], 0, n);
         pool.install(|| trainer.step(n, batch.sparse, binarize))
     }
 
@@ -368,7 +437,7 @@ impl Model {
             )));
         }
         let mut ws = Workspace::new(&self.vae.config, x.n, true);
-        ws.x.copy_from_slice(&x.data);
+        x.copy_rows(&mut ws.x, 0, x.n);
         ws.eps.copy_from_slice(eps);
         Ok(ws)
     }
@@ -429,7 +498,7 @@ impl Model {
         self.pool.install(|| {
             for (c, lo) in (start..end).step_by(EVAL_CHUNK).enumerate() {
                 let n = (end - lo).min(EVAL_CHUNK);
-                ws.x[..n * d].copy_from_slice(&data.data[lo * d..(lo + n) * d]);
+                data.copy_rows(&mut ws.x[..n * d], lo, n);
                 let chunk = ((row_offset + start) / EVAL_CHUNK + c) as u64;
                 fill_normal(
                     &mut stream(seed, Purpose::EvalNoise, chunk),
@@ -456,7 +525,7 @@ impl Model {
         self.pool.install(|| {
             for lo in (0..data.n).step_by(EVAL_CHUNK) {
                 let n = (data.n - lo).min(EVAL_CHUNK);
-                ws.x[..n * d].copy_from_slice(&data.data[lo * d..(lo + n) * d]);
+                data.copy_rows(&mut ws.x[..n * d], lo, n);
                 self.vae.encode_forward(&mut ws, n, false);
                 for r in 0..n {
                     let h = &ws.head[r * 2 * zdim..(r + 1) * 2 * zdim];
@@ -701,8 +770,44 @@ fn gather(x: &mut [f32], data: &Dataset, rows: &[u32]) {
         .zip(rows.par_chunks(per_thread))
         .for_each(|(dst, idx)| {
             for (row, &i) in dst.chunks_exact_mut(d).zip(idx) {
-                let i = i as usize;
-                row.copy_from_slice(&data.data[i * d..(i + 1) * d]);
+                data.copy_rows(row, i as usize, 1);
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_hold_8_bit_images_exactly() {
+        // Every byte scaled as numpy scales it, in an odd-sized data set: kept as bytes, and
+        // given back bit for bit.
+        let (n, d) = (3, 173);
+        let data: Vec<f32> = (0..n * d).map(|i| (i % 256) as u8 as f32 / 255.0).collect();
+        let set = Dataset::new(data.clone(), n, d).unwrap();
+        assert!(set.is_levels());
+        let mut back = vec![f32::NAN; n * d];
+        set.copy_rows(&mut back, 0, n);
+        assert!(back
+            .iter()
+            .zip(&data)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let mut row = vec![f32::NAN; d];
+        set.copy_rows(&mut row, 2, 1);
+        assert_eq!(row, data[2 * d..]);
+
+        // One value a hair off a level (or -0.0, whose sign a byte would lose): kept as given.
+        for odd in [f32::from_bits((7.0f32 / 255.0).to_bits() + 1), -0.0] {
+            let mut data = data.clone();
+            data[100] = odd;
+            let set = Dataset::new(data.clone(), n, d).unwrap();
+            assert!(!set.is_levels());
+            set.copy_rows(&mut back, 0, n);
+            assert!(back
+                .iter()
+                .zip(&data)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
 }
