@@ -243,7 +243,10 @@ fn sparse_block<const W: usize, const S: usize, const FMA: bool>(
     }
     let (sum, rest) = acc.split_at_mut(1);
     for chain in rest {
-        sum[0].iter_mut().zip(chain.iter()).for_each(|(a, b)| *a += b);
+        sum[0]
+            .iter_mut()
+            .zip(chain.iter())
+            .for_each(|(a, b)| *a += b);
     }
     out[..W].copy_from_slice(&sum[0]);
 }
