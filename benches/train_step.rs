@@ -5,7 +5,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fastvae::layers::{bce_logits_forward_backward, linear_forward, matmul, Layout};
-use fastvae::optim::{adam_step, AdamConfig, AdamState};
+use fastvae::optim::{adam_step, AdamConfig, AdamKernel, AdamState};
+use fastvae::sparse::{first_layer_forward, first_layer_weight_grad, BatchColumns, GradSink};
 use fastvae::train::{build_pool, Dataset, Model};
 use fastvae::Config;
 use std::hint::black_box;
@@ -108,6 +109,49 @@ fn passes(c: &mut Criterion) {
     g.bench_function("adam 652,824 params", |bench| {
         bench.iter(|| pool.install(|| adam_step(&mut p, &grads, &mut state, AdamConfig::default())))
     });
+
+    // The first layer on a batch with MNIST's share of zeros (about 81%).
+    let xs: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(k, &v)| if (k * 7919) % 100 < 81 { 0.0 } else { v })
+        .collect();
+    let mut cols = BatchColumns::default();
+    let wt = pseudo(784 * 400, 10);
+    g.bench_function("first layer: index the batch's nonzeros", |bench| {
+        bench.iter(|| pool.install(|| cols.build(&xs, B, 784)))
+    });
+    g.bench_function("first layer: sparse forward", |bench| {
+        bench.iter(|| {
+            let cols = cols.get();
+            let relu = fastvae::Activation::Relu;
+            pool.install(|| first_layer_forward(&mut out, &xs, cols, &wt, &bias, B, 784, 400, relu))
+        })
+    });
+    let dh = pseudo(B * 400, 11);
+    let mut dwt = vec![0.0; 784 * 400];
+    g.bench_function("first layer: sparse weight gradient", |bench| {
+        bench.iter(|| {
+            let cols = cols.get().expect("indexed");
+            pool.install(|| first_layer_weight_grad(GradSink::Store(&mut dwt), cols, &dh, 784, 400))
+        })
+    });
+    let (mut wt1, mut m1, mut v1) = (wt.clone(), vec![0.0; 784 * 400], vec![0.0; 784 * 400]);
+    g.bench_function(
+        "first layer: sparse weight gradient fused with Adam",
+        |bench| {
+            bench.iter(|| {
+                let cols = cols.get().expect("indexed");
+                let sink = GradSink::Adam {
+                    wt: &mut wt1,
+                    m: &mut m1,
+                    v: &mut v1,
+                    kernel: AdamKernel::new(1, AdamConfig::default()),
+                };
+                pool.install(|| first_layer_weight_grad(sink, cols, &dh, 784, 400))
+            })
+        },
+    );
     g.finish();
 }
 
