@@ -266,8 +266,32 @@ pub fn linear_forward(
     o: usize,
     act: Option<Activation>,
 ) {
+    linear_forward_on(
+        product_threads(b, i, o),
+        out,
+        inp,
+        weight,
+        bias,
+        b,
+        i,
+        o,
+        act,
+    );
+}
+
+/// `linear_forward` on `parts` threads.
+pub fn linear_forward_on(
+    parts: usize,
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    b: usize,
+    i: usize,
+    o: usize,
+    act: Option<Activation>,
+) {
     let epi = |row: &mut [f32], c0: usize| bias_activation(row, &bias[c0..c0 + row.len()], act);
-    let parts = product_threads(b, i, o);
     matmul_on(
         parts,
         out,
@@ -308,6 +332,14 @@ pub fn activation_backward(dout: &mut [f32], out: &[f32], width: usize, act: Act
             Activation::Relu => relu_backward(d, y),
             Activation::Tanh => tanh_backward(d, y),
         });
+}
+
+/// `activation_backward` on this thread.
+pub fn activation_backward_rows(dout: &mut [f32], out: &[f32], act: Activation) {
+    match act {
+        Activation::Relu => relu_backward(dout, &out[..dout.len()]),
+        Activation::Tanh => tanh_backward(dout, &out[..dout.len()]),
+    }
 }
 
 #[inline(always)]

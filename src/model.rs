@@ -6,11 +6,16 @@
 
 use crate::config::{Activation, Config};
 use crate::layers::{
-    activation_backward, bce_logits_forward_backward, bias_backward, linear_backward,
-    linear_forward, matmul, reparam_kl_backward, reparam_kl_forward, Layout as MatLayout,
+    activation_backward, activation_backward_rows, bce_logits_forward_backward, bias_backward,
+    linear_backward, linear_forward, linear_forward_on, matmul, matmul_on, reparam_kl_backward,
+    reparam_kl_forward, Layout as MatLayout,
 };
 use crate::params::{Layout, LinearLayout};
 use crate::sparse::{first_layer_forward, first_layer_weight_grad, BatchColumns, GradSink};
+use rayon::prelude::*;
+
+/// Rows per part at least for the latent block to run by parts (`Vae::latent_forward`).
+const LATENT_MIN_ROWS: usize = 16;
 
 /// Architecture and weights; no optimizer state.
 #[derive(Debug, Clone)]
@@ -49,6 +54,8 @@ pub struct Workspace {
     pub ddec: Vec<Vec<f32>>,
     /// The batch's nonzeros by input column, when the first layer runs sparse.
     pub cols: BatchColumns,
+    /// Each part's gradients of the head and the first decoder layer in `latent_backward`.
+    pub latent: Vec<f32>,
 }
 
 /// What `loss_backward` does with the first layer's weight gradient.
@@ -83,6 +90,7 @@ impl Workspace {
             dhead: grad(2 * z),
             dz: grad(z),
             cols: BatchColumns::default(),
+            latent: Vec::new(),
         }
     }
 }
@@ -114,6 +122,12 @@ impl Vae {
     /// With `sparse`, the batch's nonzeros are indexed (in ws.cols) and the first layer skips
     /// zero inputs, here and in the weight gradient.
     pub fn encode_forward(&self, ws: &mut Workspace, n: usize, sparse: bool) {
+        self.encode_hidden(ws, n, sparse);
+        self.head_forward(ws, n);
+    }
+
+    /// The encoder's hidden layers: ws.x[..n] -> ws.enc.
+    fn encode_hidden(&self, ws: &mut Workspace, n: usize, sparse: bool) {
         let p = &self.params;
         let mut inp: &[f32] = &ws.x[..n * self.config.input_dim];
         ws.cols.clear();
@@ -131,18 +145,116 @@ impl Vae {
             }
             inp = out;
         }
+    }
+
+    /// The last encoder activations (or x) -> ws.head = [mu | logvar].
+    fn head_forward(&self, ws: &mut Workspace, n: usize) {
         let h = &self.layout.head;
-        let (w, b) = weights(p, h);
-        linear_forward(
-            &mut ws.head[..n * h.out_dim],
-            inp,
-            w,
-            b,
-            n,
-            h.in_dim,
-            h.out_dim,
-            None,
+        let inp = match self.layout.encoder.len() {
+            0 => &ws.x[..n * h.in_dim],
+            k => &ws.enc[k - 1][..n * h.in_dim],
+        };
+        let (w, b) = weights(&self.params, h);
+        let head = &mut ws.head[..n * h.out_dim];
+        linear_forward(head, inp, w, b, n, h.in_dim, h.out_dim, None);
+    }
+
+    /// Parts of rows for `latent_forward` and `latent_backward`, or 1 when they do not apply:
+    /// one thread, or no hidden layer before the head or after z.
+    fn latent_parts(&self, n: usize) -> usize {
+        if self.layout.encoder.is_empty() || self.layout.decoder.len() < 2 {
+            return 1;
+        }
+        rayon::current_num_threads().min(n / LATENT_MIN_ROWS).max(1)
+    }
+
+    /// The head, the reparameterization and the first decoder layer, by parts of rows in
+    /// parallel, each part's products on one thread: their 2Z- and Z-wide sides are too narrow
+    /// to split each product well, and a part's rows stay with its thread from the last
+    /// encoder activations to the first decoder ones.
+    fn latent_forward(&self, ws: &mut Workspace, n: usize, parts: usize) {
+        let (zd, act, p) = (self.config.latent_dim, self.act(), &self.params);
+        let (h, d0) = (&self.layout.head, &self.layout.decoder[0]);
+        let ((wh, bh), (wd, bd)) = (weights(p, h), weights(p, d0));
+        let rows = n.div_ceil(parts);
+        let inp = &ws.enc[self.layout.encoder.len() - 1][..n * h.in_dim];
+        let (head, z, kl) = (
+            &mut ws.head[..n * 2 * zd],
+            &mut ws.z[..n * zd],
+            &mut ws.kl[..n],
         );
+        let (eps, dec0) = (&ws.eps[..n * zd], &mut ws.dec[0][..n * d0.out_dim]);
+        head.par_chunks_mut(rows * 2 * zd)
+            .zip(z.par_chunks_mut(rows * zd))
+            .zip(kl.par_chunks_mut(rows))
+            .zip(dec0.par_chunks_mut(rows * d0.out_dim))
+            .zip(inp.par_chunks(rows * h.in_dim))
+            .zip(eps.par_chunks(rows * zd))
+            .for_each(|(((((hc, zc), klc), dc), ic), ec)| {
+                let r = klc.len();
+                linear_forward_on(1, hc, ic, wh, bh, r, h.in_dim, h.out_dim, None);
+                reparam_kl_forward(zc, klc, hc, ec, zd);
+                linear_forward_on(1, dc, zc, wd, bd, r, zd, d0.out_dim, Some(act));
+            });
+    }
+
+    /// The backward pass of `latent_forward`: from the gradient of the first decoder layer's
+    /// activations (ws.ddec[0]) to that of the last encoder layer's (ws.denc), with the head's
+    /// and the first decoder layer's weight gradients summed over the parts in part order.
+    fn latent_backward(&self, grads: &mut [f32], ws: &mut Workspace, n: usize, parts: usize) {
+        let (zd, act, p) = (self.config.latent_dim, self.act(), &self.params);
+        let (h, d0) = (&self.layout.head, &self.layout.decoder[0]);
+        let (wh, wd) = (weights(p, h).0, weights(p, d0).0);
+        let (hd, h1) = (d0.out_dim, h.in_dim);
+        let rows = n.div_ceil(parts);
+        // The head's parameters, then the first decoder layer's, are one range.
+        let span = h.weight.start..d0.bias.end;
+        debug_assert_eq!(h.bias.end, d0.weight.start);
+        let len = span.len();
+        let count = n.div_ceil(rows);
+        if ws.latent.len() < count * len {
+            ws.latent.resize(count * len, 0.0);
+        }
+        let k = self.layout.encoder.len() - 1;
+        let (inp, dinp) = (&ws.enc[k][..n * h1], &mut ws.denc[k][..n * h1]);
+        let (dec0, ddec0) = (&ws.dec[0][..n * hd], &mut ws.ddec[0][..n * hd]);
+        let (head, z, eps) = (&ws.head[..n * 2 * zd], &ws.z[..n * zd], &ws.eps[..n * zd]);
+        let (dz, dhead) = (&mut ws.dz[..n * zd], &mut ws.dhead[..n * 2 * zd]);
+        let part_grads = &mut ws.latent[..count * len];
+        part_grads
+            .par_chunks_mut(len)
+            .zip(ddec0.par_chunks_mut(rows * hd))
+            .zip(dec0.par_chunks(rows * hd))
+            .zip(dz.par_chunks_mut(rows * zd))
+            .zip(dhead.par_chunks_mut(rows * 2 * zd))
+            .zip(head.par_chunks(rows * 2 * zd))
+            .zip(eps.par_chunks(rows * zd))
+            .zip(z.par_chunks(rows * zd))
+            .zip(inp.par_chunks(rows * h1))
+            .zip(dinp.par_chunks_mut(rows * h1))
+            .for_each(
+                |(((((((((g, dd), d), dzc), dhc), hc), ec), zc), ic), dic)| {
+                    let r = ec.len() / zd;
+                    let (gh, gd) = g.split_at_mut(h.bias.end - h.weight.start);
+                    let (gh_w, gh_b) = gh.split_at_mut(h.weight.len());
+                    let (gd_w, gd_b) = gd.split_at_mut(d0.weight.len());
+                    let (normal, transposed) = (MatLayout::Normal, MatLayout::Transposed);
+                    activation_backward_rows(dd, d, act);
+                    matmul_on(1, dzc, dd, normal, wd, normal, r, hd, zd, None);
+                    matmul_on(1, gd_w, dd, transposed, zc, normal, hd, r, zd, None);
+                    bias_backward(gd_b, dd, r, hd);
+                    reparam_kl_backward(dhc, dzc, hc, ec, zd);
+                    matmul_on(1, dic, dhc, normal, wh, normal, r, 2 * zd, h1, None);
+                    matmul_on(1, gh_w, dhc, transposed, ic, normal, 2 * zd, r, h1, None);
+                    bias_backward(gh_b, dhc, r, 2 * zd);
+                },
+            );
+        let out = &mut grads[span];
+        let (first, rest) = part_grads.split_at(len);
+        out.copy_from_slice(first);
+        for part in rest.chunks_exact(len) {
+            out.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
     }
 
     /// ws.head, ws.eps -> ws.z and ws.kl for the first n rows.
@@ -159,10 +271,19 @@ impl Vae {
 
     /// ws.z[..n] -> logits in ws.dec.last()[..n].
     pub fn decode_forward(&self, ws: &mut Workspace, n: usize) {
+        self.decode_from(ws, n, 0);
+    }
+
+    /// The decoder from its layer `first` on, that layer's input in place.
+    fn decode_from(&self, ws: &mut Workspace, n: usize, first: usize) {
         let p = &self.params;
         let last = self.layout.decoder.len() - 1;
-        let (mut prev, mut rest) = (&ws.z[..], &mut ws.dec[..]);
-        for (j, l) in self.layout.decoder.iter().enumerate() {
+        let (done, mut rest) = ws.dec.split_at_mut(first);
+        let mut prev: &[f32] = match done.last() {
+            Some(d) => d,
+            None => &ws.z[..],
+        };
+        for (j, l) in self.layout.decoder.iter().enumerate().skip(first) {
             let (out, tail) = rest
                 .split_first_mut()
                 .expect("one buffer per decoder layer");
@@ -191,6 +312,18 @@ impl Vae {
         self.decode_forward(ws, n);
     }
 
+    /// The forward pass for training, ahead of `loss_backward`: as `forward`, with the latent
+    /// block by parts of rows on several threads (`latent_forward`).
+    pub fn forward_train(&self, ws: &mut Workspace, n: usize, sparse: bool) {
+        let parts = self.latent_parts(n);
+        if parts == 1 {
+            return self.forward(ws, n, sparse);
+        }
+        self.encode_hidden(ws, n, sparse);
+        self.latent_forward(ws, n, parts);
+        self.decode_from(ws, n, 1);
+    }
+
     /// Per-example -log p(x|z) into ws.bce; with `grad`, the logits become their gradient.
     pub fn reconstruction_loss(&self, ws: &mut Workspace, n: usize, grad: bool) {
         let d = self.config.input_dim;
@@ -204,8 +337,8 @@ impl Vae {
         );
     }
 
-    /// After `forward`: the loss summed over the n rows, and its gradient with respect to
-    /// every parameter written into `grads` (laid out as the parameters).
+    /// After `forward_train`: the loss summed over the n rows, and its gradient with respect
+    /// to every parameter written into `grads` (laid out as the parameters).
     ///
     /// With `check_finite`, a non-finite loss is an error (before any gradient is computed).
     /// `first` says whether the first layer's weight gradient is computed or left to the caller.
@@ -229,7 +362,9 @@ impl Vae {
         // Decoder, last layer first. dout of layer j is the logits' gradient for the last
         // layer and ddec[j] (made pre-activation) for the others.
         let dec_layers = &layout.decoder;
-        for j in (0..dec_layers.len()).rev() {
+        let parts = self.latent_parts(n);
+        let latent = parts > 1;
+        for j in (usize::from(latent)..dec_layers.len()).rev() {
             let l = &dec_layers[j];
             let (dw, db) = weight_grads(grads, l);
             let (w, _) = weights(params, l);
@@ -253,21 +388,22 @@ impl Vae {
             linear_backward(Some(dinp), dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
         }
 
-        let z = self.config.latent_dim;
-        reparam_kl_backward(
-            &mut ws.dhead[..n * 2 * z],
-            &ws.dz[..n * z],
-            &ws.head[..n * 2 * z],
-            &ws.eps[..n * z],
-            z,
-        );
-
-        // Head, then the encoder from its last layer; the first layer's input gradient is
-        // never needed.
+        // The first decoder layer, z and the head; then the encoder from its last layer, the
+        // first layer's input gradient never needed.
         let enc_layers = &layout.encoder;
         let d_in = self.config.input_dim;
         let h = &layout.head;
-        {
+        if latent {
+            self.latent_backward(grads, ws, n, parts);
+        } else {
+            let z = self.config.latent_dim;
+            reparam_kl_backward(
+                &mut ws.dhead[..n * 2 * z],
+                &ws.dz[..n * z],
+                &ws.head[..n * 2 * z],
+                &ws.eps[..n * z],
+                z,
+            );
             let (dw, db) = weight_grads(grads, h);
             let (w, _) = weights(params, h);
             let (inp, dinp): (&[f32], Option<&mut [f32]>) = match enc_layers.len() {

@@ -449,7 +449,7 @@ impl Model {
         let mut grads = vec![0.0; self.vae.params.len()];
         let vae = &self.vae;
         let loss = self.pool.install(|| {
-            vae.forward(&mut ws, x.n, x.sparse);
+            vae.forward_train(&mut ws, x.n, x.sparse);
             vae.loss_backward(&mut grads, &mut ws, x.n, false, FirstWeight::Compute)
         });
         Ok((loss.expect("only an update checks finiteness"), grads))
@@ -675,7 +675,7 @@ fn train_step(
     cfg: AdamConfig,
     epoch: u64,
 ) -> Result<f64> {
-    vae.forward(ws, n, sparse);
+    vae.forward_train(ws, n, sparse);
     let step = adam.t + 1;
     let nonfinite = |what: String| VaeError::NonFinite {
         epoch: epoch + 1,
