@@ -56,7 +56,7 @@ pub fn adam_step(params: &mut [f32], grads: &[f32], state: &mut AdamState, cfg: 
 }
 
 /// The Adam update with constants `k` of one range of parameters with their gradients and
-/// moments, in parallel; the training step calls it per layer.
+/// moments, in parallel.
 pub fn adam_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], k: AdamKernel) {
     adam_split(params, grads, m, v, k, rayon::current_num_threads());
 }

@@ -13,7 +13,6 @@ use crate::rng::{binarize as binarize_row, fill_normal, permutation, stream, Pur
 use crate::simd::{dispatch, LANES};
 use crate::sparse::{first_layer_weight_grad, GradSink, MAX_DENSITY};
 use rayon::prelude::*;
-use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Rows per inference chunk; evaluation noise is keyed by chunk, so this fixes the results.
@@ -693,7 +692,7 @@ fn train_step(
         .map_err(nonfinite)?;
     let kernel = AdamKernel::new(step, cfg);
     if gradients_finite(vae, grads, ws, n) {
-        let mut skip = None;
+        let mut from = 0;
         if fused {
             let l = &vae.layout.encoder[0];
             let w1 = l.weight.clone();
@@ -708,9 +707,11 @@ fn train_step(
                 &ws.denc[0][..n * l.out_dim],
             );
             first_layer_weight_grad(sink, cols, dh, l.in_dim, l.out_dim);
-            skip = Some(w1);
+            // The first layer's weight leads the parameters.
+            debug_assert_eq!(w1.start, 0);
+            from = w1.end;
         }
-        adam_ranges(vae, grads, adam, kernel, skip);
+        adam_from(vae, grads, adam, kernel, from);
         adam.t = step;
         return Ok(loss);
     }
@@ -721,30 +722,17 @@ fn train_step(
     if !all_finite(grads) {
         return Err(nonfinite("a gradient is not finite".into()));
     }
-    adam_ranges(vae, grads, adam, kernel, None);
+    adam_from(vae, grads, adam, kernel, 0);
     adam.t = step;
     Ok(loss)
 }
 
-/// Adam on every parameter but those in `skip` (the start of a layer's range), layer by
-/// layer, so each range splits across threads as its gradient product did.
-fn adam_ranges(
-    vae: &mut Vae,
-    grads: &[f32],
-    adam: &mut AdamState,
-    kernel: AdamKernel,
-    skip: Option<Range<usize>>,
-) {
-    for l in vae.layout.layers() {
-        let mut r = l.weight.start..l.bias.end;
-        if let Some(s) = &skip {
-            if s.start == r.start {
-                r.start = s.end;
-            }
-        }
-        let (p, g) = (&mut vae.params[r.clone()], &grads[r.clone()]);
-        adam_update(p, g, &mut adam.m[r.clone()], &mut adam.v[r], kernel);
-    }
+/// Adam on every parameter from `from` on (past the first layer's weight when that was
+/// updated already), in one parallel pass: the small layers' ranges, each too short to split,
+/// then go along with the large ones.
+fn adam_from(vae: &mut Vae, grads: &[f32], adam: &mut AdamState, kernel: AdamKernel, from: usize) {
+    let (p, g) = (&mut vae.params[from..], &grads[from..]);
+    adam_update(p, g, &mut adam.m[from..], &mut adam.v[from..], kernel);
 }
 
 /// Largest array the core returns, in elements (4 GiB of f32).
