@@ -527,9 +527,9 @@ mod tests {
 
     #[test]
     fn sparse_matches_dense() {
-        // Widths below, at and above a block, with a ragged last block; batches below, at and
-        // above PART_ROWS.
-        for (n, i, o) in [(37, 50, 70), (5, 30, 64), (300, 40, 150)] {
+        // Widths below, at and above a block, with a ragged last block, and wide enough for the
+        // forward's widest blocks; batches below, at and above PART_ROWS.
+        for (n, i, o) in [(37, 50, 70), (5, 30, 64), (300, 40, 150), (20, 30, 1000)] {
             let h = |k: usize, s: u32| {
                 ((k as u32 ^ s).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32
             };
