@@ -52,7 +52,7 @@ pub struct Workspace {
     pub dhead: Vec<f32>,
     pub dz: Vec<f32>,
     pub ddec: Vec<Vec<f32>>,
-    /// The batch's nonzeros by input column, when the first layer runs sparse.
+    /// The batch's nonzeros by row and by input column, when the first layer runs sparse.
     pub cols: BatchColumns,
     /// Each part's gradients of the head and the first decoder layer in `latent_backward`.
     pub latent: Vec<f32>,

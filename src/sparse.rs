@@ -207,8 +207,8 @@ impl BatchColumns {
     }
 }
 
-/// The nonzeros' share of out (W) = bias[..W] + sum of v * wt[i, c0..c0 + W], summed in
-/// registers: S chains of W accumulators, 8 AVX-512 registers in all, so that consecutive
+/// out (W) = bias[..W] + sum over nonzeros of v * wt[i, c0..c0 + W], summed in registers:
+/// S chains of W accumulators, at least 8 AVX-512 registers in all, so that consecutive
 /// nonzeros do not wait on each other's FMA.
 #[inline(always)]
 fn sparse_block<const W: usize, const S: usize, const FMA: bool>(
@@ -251,21 +251,19 @@ fn sparse_block<const W: usize, const S: usize, const FMA: bool>(
     out[..W].copy_from_slice(&sum[0]);
 }
 
-/// out = bias[c0..] + sum over nonzeros of v * wt[i, c0..c0 + out.len()]: one row's columns
-/// from c0 on, wt (I, o), in register blocks while the rows of wt stream from L2. The weight gradient's column-major order, with each block of outputs in L1,
-/// was slower here (304 us against 206 at B = 128 on two threads): each nonzero then loads and
-/// stores its block of outputs.
+/// out (O) = bias + sum over nonzeros of v * wt[i, :], one row, wt (I, O), in register
+/// blocks while the rows of wt stream from L2. The weight gradient's column-major order, with
+/// each block of outputs in L1, was slower here (304 us against 206 at B = 128 on two
+/// threads): each nonzero then loads and stores its block of outputs.
 #[inline(always)]
 fn sparse_row_generic<const FMA: bool>(
     out: &mut [f32],
     idx: &[u32],
     val: &[f32],
     wt: &[f32],
-    o: usize,
-    c0: usize,
     bias: &[f32],
 ) {
-    let w = out.len();
+    let o = out.len();
     let mut c = 0;
     // Blocks of up to 28 registers (448 columns), widest first: one pass over the row's
     // nonzeros per block, and a hidden width of 400 in a single pass (measured at B = 128 on
@@ -274,9 +272,9 @@ fn sparse_row_generic<const FMA: bool>(
     macro_rules! blocks {
         ($($width:literal $chains:literal),*) => {
             $(
-                while w - c >= $width {
-                    let (out, bias) = (&mut out[c..], &bias[c0 + c..]);
-                    sparse_block::<$width, $chains, FMA>(out, idx, val, wt, o, c0 + c, bias);
+                while o - c >= $width {
+                    let (out, bias) = (&mut out[c..], &bias[c..]);
+                    sparse_block::<$width, $chains, FMA>(out, idx, val, wt, o, c, bias);
                     c += $width;
                 }
             )*
@@ -284,20 +282,19 @@ fn sparse_row_generic<const FMA: bool>(
     }
     // Chains: at least 8 registers of accumulators, so the FMAs' latency is hidden.
     blocks!(448 1, 400 1, 384 1, 320 1, 256 1, 192 1, 128 1, 64 2, 16 8);
-    if c < w {
+    if c < o {
         let tail = &mut out[c..];
-        let (from, to) = (c0 + c, c0 + w);
-        tail.copy_from_slice(&bias[from..to]);
+        tail.copy_from_slice(&bias[c..]);
         for (&i, &v) in idx.iter().zip(val) {
             let i = i as usize;
             tail.iter_mut()
-                .zip(&wt[i * o + from..i * o + to])
+                .zip(&wt[i * o + c..(i + 1) * o])
                 .for_each(|(a, &r)| *a = fmadd::<FMA>(v, r, *a));
         }
     }
 }
 
-dispatch!(fn sparse_row(out: &mut [f32], idx: &[u32], val: &[f32], wt: &[f32], o: usize, c0: usize, bias: &[f32]) -> () = sparse_row_generic::<true>, sparse_row_generic::<false>);
+dispatch!(fn sparse_row(out: &mut [f32], idx: &[u32], val: &[f32], wt: &[f32], bias: &[f32]) -> () = sparse_row_generic::<true>, sparse_row_generic::<false>);
 
 fn activate(row: &mut [f32], act: Activation) {
     match act {
@@ -325,7 +322,7 @@ pub fn first_layer_forward(
         Some(cols) => for_rows(&mut out[..b * o], o, |r, row| {
             let part = cols.part_of(r);
             let (idx, val) = part.row(r - part.row0);
-            sparse_row(row, idx, val, wt, o, 0, bias);
+            sparse_row(row, idx, val, wt, bias);
             activate(row, act);
         }),
         None => {
