@@ -4,6 +4,7 @@
 //! The core (every module but `python`) holds no Python types; `python` is the one binding
 //! module, built with the `python` feature.
 
+pub mod amx;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +202,30 @@ def test_slow_mnist_one_epoch_reaches_test_loss_below_130(
     assert h["samples_per_sec"][0] > 0 and h["seconds"][0] > 0
     assert math.isclose(h["samples_per_sec"][0] * h["seconds"][0], 60000, rel_tol=1e-6)
     assert vae.model_.step == math.ceil(60000 / 128)
+
+
+_AMX_FIT = """
+import numpy as np, fastvae
+rng = np.random.default_rng(0)
+x = rng.random((1024, 784), dtype=np.float32) * (rng.random((1024, 784)) < 0.2)
+vae = fastvae.VAE(seed=0, threads=2).fit(x, epochs=1, progress=False)
+print(float(vae.elbo(x[:256], seed=1).mean()))
+print(float(np.abs(vae.weights()["decoder.1.weight"]).sum()))
+"""
+
+
+def _amx_fit(amx: str) -> list[float]:
+    env = dict(os.environ, FASTVAE_AMX=amx)
+    out = subprocess.run(
+        [sys.executable, "-c", _AMX_FIT], env=env, capture_output=True, text=True, check=True
+    )
+    return [float(v) for v in out.stdout.split()]
+
+
+def test_amx_products_match_gemm_to_rounding() -> None:
+    # The output layer's products run on AMX tiles where the CPU has them (split into three
+    # bfloat16 parts) and through the gemm crate with FASTVAE_AMX=0. Eight steps of training
+    # agree to float rounding: a part left out would move the ELBO by far more than 1e-4.
+    on, off = _amx_fit("1"), _amx_fit("0")
+    assert on[0] == pytest.approx(off[0], rel=1e-4)
+    assert on[1] == pytest.approx(off[1], rel=1e-4)
