@@ -423,30 +423,44 @@ unsafe fn multiply(
                     "tileloadd tmm2, [{a} + {s}*1]",
                     "tileloadd tmm5, [{b0} + {s}*1]",
                     "tileloadd tmm6, [{b1} + {s}*1]",
-                    "tdpbf16ps tmm0, tmm2, tmm5",
-                    "tdpbf16ps tmm1, tmm2, tmm6",
+                    "tileloadd tmm7, [{b0} + {s}*1 + 1024]",
                     "tileloadd tmm3, [{a} + {s}*1 + 1024]",
-                    "tdpbf16ps tmm0, tmm3, tmm5",
-                    "tdpbf16ps tmm1, tmm3, tmm6",
                     "tileloadd tmm4, [{a} + {s}*1 + 2048]",
-                    "tdpbf16ps tmm0, tmm4, tmm5",
-                    "tdpbf16ps tmm1, tmm4, tmm6",
-                    "tileloadd tmm5, [{b0} + {s}*1 + 1024]",
-                    "tileloadd tmm6, [{b1} + {s}*1 + 1024]",
                     "tdpbf16ps tmm0, tmm2, tmm5",
                     "tdpbf16ps tmm1, tmm2, tmm6",
+                    "tdpbf16ps tmm0, tmm2, tmm7",
                     "tdpbf16ps tmm0, tmm3, tmm5",
                     "tdpbf16ps tmm1, tmm3, tmm6",
-                    "tileloadd tmm4, [{b0} + {s}*1 + 2048]",
-                    "tileloadd tmm7, [{b1} + {s}*1 + 2048]",
-                    "tdpbf16ps tmm0, tmm2, tmm4",
+                    "tdpbf16ps tmm0, tmm3, tmm7",
+                    "tileloadd tmm7, [{b1} + {s}*1 + 1024]",
+                    "tdpbf16ps tmm0, tmm4, tmm5",
+                    "tileloadd tmm5, [{b0} + {s}*1 + 2048]",
+                    "tdpbf16ps tmm1, tmm4, tmm6",
+                    "tileloadd tmm6, [{b1} + {s}*1 + 2048]",
                     "tdpbf16ps tmm1, tmm2, tmm7",
+                    "tdpbf16ps tmm1, tmm3, tmm7",
+                    "tdpbf16ps tmm0, tmm2, tmm5",
+                    "tdpbf16ps tmm1, tmm2, tmm6",
                     a = in(reg) a,
                     b0 = in(reg) b0,
                     b1 = in(reg) b1,
                     s = in(reg) stride,
                     options(nostack, readonly),
                 );
+            }
+            let rows = (m - ib * 16).min(16);
+            let d0 = dst.offset((ib * 16) as isize * drs + (jb * 16) as isize * dcs);
+            if rows == 16 && n - jb * 16 >= 32 && dcs == 1 {
+                // Whole tiles with unit column stride: straight into dst.
+                asm!(
+                    "tilestored [{d} + {s}*1], tmm0",
+                    "tilestored [{d1} + {s}*1], tmm1",
+                    d = in(reg) d0,
+                    d1 = in(reg) d0.add(16),
+                    s = in(reg) drs * 4,
+                    options(nostack),
+                );
+                continue;
             }
             asm!(
                 "tilestored [{o} + {s}*1], tmm0",
@@ -455,7 +469,6 @@ unsafe fn multiply(
                 s = in(reg) stride,
                 options(nostack),
             );
-            let rows = (m - ib * 16).min(16);
             for half in 0..2 {
                 let j0 = (jb + half) * 16;
                 if j0 >= n {
@@ -465,12 +478,8 @@ unsafe fn multiply(
                 for r in 0..rows {
                     let src = &out.0[half * 256 + r * 16..half * 256 + r * 16 + cols];
                     let d = dst.offset((ib * 16 + r) as isize * drs + j0 as isize * dcs);
-                    if dcs == 1 {
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), d, cols);
-                    } else {
-                        for (j, &v) in src.iter().enumerate() {
-                            *d.offset(j as isize * dcs) = v;
-                        }
+                    for (j, &v) in src.iter().enumerate() {
+                        *d.offset(j as isize * dcs) = v;
                     }
                 }
             }
