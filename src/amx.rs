@@ -84,10 +84,15 @@ thread_local! {
     static PACKS: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// The first `tiles` tiles of `buf`, grown when short (never shrunk: the products of a step
+/// alternate in size, and regrowing would zero the difference every time).
 fn lines(buf: &mut Vec<Line>, tiles: usize) -> &mut [u16] {
-    buf.resize(tiles * TILE_U16 / 32, Line([0; 32]));
-    // SAFETY: Line is 32 u16 with no padding; the slice covers exactly the vector's lines.
-    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u16>(), buf.len() * 32) }
+    let need = tiles * TILE_U16 / 32;
+    if buf.len() < need {
+        buf.resize(need, Line([0; 32]));
+    }
+    // SAFETY: Line is 32 u16 with no padding; the slice covers `need` of the vector's lines.
+    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u16>(), need * 32) }
 }
 
 /// A strided read-only matrix: element (i, j) at `ptr + i * rs + j * cs`.
