@@ -3,9 +3,10 @@
 //! input and output widths, D the pixel count, Z the latent width.
 //!
 //! Matrix products go through `matmul`, which splits the output across the current rayon pool
-//! and runs the `gemm` crate single-threaded in each part (measured faster here than gemm's own
-//! threading). Each output element is reduced by one thread in a fixed order, so results are
-//! bit-identical from run to run. Backward functions overwrite their gradients (one batch per
+//! and runs each part on one thread: on AMX tiles to float32 rounding (`amx`) when the CPU has
+//! them and the product is large enough, else with the `gemm` crate (measured faster here
+//! than gemm's own threading). Each output element is reduced by one thread in a fixed order,
+//! the same whatever the split, so results are bit-identical from run to run. Backward functions overwrite their gradients (one batch per
 //! step), they do not accumulate.
 
 // Layer functions take their dims explicitly, as llm.c's do.
