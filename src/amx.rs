@@ -414,9 +414,11 @@ unsafe fn multiply(
     config.colsb[..8].fill(64);
     config.rows[..8].fill(16);
     asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
+    // Edge tiles pass through here; whole ones never do, so it is left unfilled.
     #[repr(C, align(64))]
     struct Out([f32; 512]);
-    let mut out = Out([0.0; 512]);
+    let mut out = std::mem::MaybeUninit::<Out>::uninit();
+    let out = out.as_mut_ptr().cast::<f32>();
     let (mb, nb) = (m.div_ceil(16), n.div_ceil(16));
     let stride = 64usize;
     let block = kc * 3 * TILE_U16;
@@ -499,10 +501,12 @@ unsafe fn multiply(
                 asm!(
                     "tilestored [{o} + {s}*1], tmm0",
                     "tilestored [{o} + {s}*1 + 1024], tmm1",
-                    o = in(reg) out.0.as_mut_ptr(),
+                    o = in(reg) out,
                     s = in(reg) stride,
                     options(nostack),
                 );
+                // The two tiles just stored fill all 512 floats.
+                let tiles = std::slice::from_raw_parts(out, 512);
                 let rows = (m - ib * 16).min(16);
                 for half in 0..2 {
                     let j0 = (jb + half) * 16;
@@ -511,7 +515,7 @@ unsafe fn multiply(
                     }
                     let cols = (n - j0).min(16);
                     for r in 0..rows {
-                        let src = &out.0[half * 256 + r * 16..half * 256 + r * 16 + cols];
+                        let src = &tiles[half * 256 + r * 16..half * 256 + r * 16 + cols];
                         let d = dst.offset((ib * 16 + r) as isize * drs + j0 as isize * dcs);
                         for (j, &v) in src.iter().enumerate() {
                             *d.offset(j as isize * dcs) = v;
@@ -549,16 +553,7 @@ unsafe fn multiply(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::layers::tests::pseudo;
 
     #[cfg(target_arch = "x86_64")]
     #[test]

@@ -584,10 +584,11 @@ pub fn reparam_kl_backward(dhead: &mut [f32], dz: &[f32], head: &[f32], eps: &[f
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-0.5, 0.5).
+    pub(crate) fn pseudo(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
