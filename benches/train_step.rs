@@ -4,11 +4,13 @@
 //! Run: `cargo bench --no-default-features --bench train_step`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fastvae::layers::{bce_logits_forward_backward, linear_forward, matmul, Layout};
+use fastvae::first_layer::{self, sparse_weight_backward, BatchNonzeros, GradSink};
+use fastvae::layers::{bce_logits_forward_backward, linear_forward};
+use fastvae::matmul::{matmul, Op};
 use fastvae::optim::{adam_step, AdamConfig, AdamKernel, AdamState};
-use fastvae::sparse::{first_layer_forward, first_layer_weight_grad, BatchColumns, GradSink};
-use fastvae::train::{build_pool, Dataset, Model};
+use fastvae::pool::build as build_pool;
 use fastvae::Config;
+use fastvae::{Dataset, Model};
 use std::hint::black_box;
 
 const B: usize = 128;
@@ -24,38 +26,10 @@ fn products(c: &mut Criterion) {
     g.throughput(Throughput::Elements(B as u64));
     // (name, m, k, n, a layout, b layout): the big products of one step.
     let shapes = [
-        (
-            "fc1_forward x W1^T",
-            B,
-            784,
-            400,
-            Layout::Normal,
-            Layout::Transposed,
-        ),
-        (
-            "fc1_dweight dy^T x",
-            400,
-            B,
-            784,
-            Layout::Transposed,
-            Layout::Normal,
-        ),
-        (
-            "out_forward h W4^T",
-            B,
-            400,
-            784,
-            Layout::Normal,
-            Layout::Transposed,
-        ),
-        (
-            "out_dinp dy W4",
-            B,
-            784,
-            400,
-            Layout::Normal,
-            Layout::Normal,
-        ),
+        ("fc1_forward x W1^T", B, 784, 400, Op::Plain, Op::Transposed),
+        ("fc1_dweight dy^T x", 400, B, 784, Op::Transposed, Op::Plain),
+        ("out_forward h W4^T", B, 400, 784, Op::Plain, Op::Transposed),
+        ("out_dinp dy W4", B, 784, 400, Op::Plain, Op::Plain),
     ];
     for threads in [1, 2] {
         let pool = build_pool(threads).unwrap();
@@ -116,7 +90,7 @@ fn passes(c: &mut Criterion) {
         .enumerate()
         .map(|(k, &v)| if (k * 7919) % 100 < 81 { 0.0 } else { v })
         .collect();
-    let mut cols = BatchColumns::default();
+    let mut cols = BatchNonzeros::default();
     let wt = pseudo(784 * 400, 10);
     g.bench_function("first layer: index the batch's nonzeros", |bench| {
         bench.iter(|| pool.install(|| cols.build(&xs, B, 784)))
@@ -125,7 +99,9 @@ fn passes(c: &mut Criterion) {
         bench.iter(|| {
             let cols = cols.get();
             let relu = fastvae::Activation::Relu;
-            pool.install(|| first_layer_forward(&mut out, &xs, cols, &wt, &bias, B, 784, 400, relu))
+            pool.install(|| {
+                first_layer::forward(&mut out, &xs, cols, &wt, &bias, B, 784, 400, relu)
+            })
         })
     });
     let dh = pseudo(B * 400, 11);
@@ -133,7 +109,7 @@ fn passes(c: &mut Criterion) {
     g.bench_function("first layer: sparse weight gradient", |bench| {
         bench.iter(|| {
             let cols = cols.get().expect("indexed");
-            pool.install(|| first_layer_weight_grad(GradSink::Store(&mut dwt), cols, &dh, 784, 400))
+            pool.install(|| sparse_weight_backward(GradSink::Store(&mut dwt), cols, &dh, 784, 400))
         })
     });
     let (mut wt1, mut m1, mut v1) = (wt.clone(), vec![0.0; 784 * 400], vec![0.0; 784 * 400]);
@@ -148,7 +124,7 @@ fn passes(c: &mut Criterion) {
                     v: &mut v1,
                     kernel: AdamKernel::new(1, AdamConfig::default()),
                 };
-                pool.install(|| first_layer_weight_grad(sink, cols, &dh, 784, 400))
+                pool.install(|| sparse_weight_backward(sink, cols, &dh, 784, 400))
             })
         },
     );
@@ -166,10 +142,10 @@ fn step(c: &mut Criterion) {
         g.bench_function(
             BenchmarkId::new("mnist 784-400-20 B=128", threads),
             |bench| {
-                let mut run = model.begin_epoch(&data, B, 1e-3, false).unwrap();
+                let mut run = model.begin_epoch(data.n, B, 1e-3, false).unwrap();
                 bench.iter(|| {
                     if run.done() {
-                        run = model.begin_epoch(&data, B, 1e-3, false).unwrap();
+                        run = model.begin_epoch(data.n, B, 1e-3, false).unwrap();
                     }
                     model.run(&data, &mut run, 1).unwrap();
                     black_box(run.loss_sum)

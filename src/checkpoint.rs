@@ -6,7 +6,7 @@
 use crate::config::{Activation, Config};
 use crate::error::{Result, VaeError};
 use crate::optim::AdamState;
-use crate::params::Layout;
+use crate::params::ParamLayout;
 use crate::train::Model;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
@@ -248,7 +248,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
         )));
     }
 
-    let layout = Layout::new(&config);
+    let layout = ParamLayout::new(&config);
     let specs = layout.tensors();
     let expected = specs.len() * if has_optimizer { 3 } else { 1 };
     if names.len() != expected {

@@ -1,6 +1,7 @@
-//! Model configuration: the sizes of the encoder and decoder and their activation.
-//! Validated once, so the rest of the core can rely on non-zero dimensions and a
-//! parameter count that fits in memory.
+//! Model configuration: the sizes of the encoder and decoder and their activation, validated
+//! once, so the rest of the core can rely on non-zero dimensions and a parameter count that
+//! fits in memory; and every limit and default the front ends share (Python reads them from
+//! `_core`, so they are written here only).
 
 use crate::error::{Result, VaeError};
 
@@ -11,13 +12,16 @@ pub enum Activation {
     Tanh,
 }
 
+/// The activations' names, as settings give them.
+pub const ACTIVATIONS: [&str; 2] = ["relu", "tanh"];
+
 impl Activation {
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "relu" => Ok(Activation::Relu),
             "tanh" => Ok(Activation::Tanh),
             other => Err(VaeError::Config(format!(
-                "activation must be 'relu' or 'tanh', got {other:?}"
+                "activation must be one of {ACTIVATIONS:?}, got {other:?}"
             ))),
         }
     }
@@ -35,6 +39,18 @@ impl Activation {
 pub const MAX_PARAMS: usize = 1 << 28;
 /// Largest width of any one layer.
 pub const MAX_WIDTH: usize = 1 << 20;
+/// Most threads a model's pool may have.
+pub const MAX_THREADS: usize = 1024;
+/// Most importance samples per example in the log-likelihood estimate.
+pub const MAX_K: usize = 1 << 24;
+/// Largest learning rate accepted: beyond it an Adam step (about lr per weight) can overflow
+/// float32, and no useful training is anywhere near it.
+pub const MAX_LR: f64 = 1e6;
+
+/// Training defaults: the canonical MNIST run (pytorch/examples' VAE).
+pub const DEFAULT_EPOCHS: usize = 10;
+pub const DEFAULT_BATCH_SIZE: usize = 128;
+pub const DEFAULT_LR: f64 = 1e-3;
 
 /// The VAE's shape: encoder D -> hidden_dims... -> (mu, logvar) of width Z,
 /// decoder Z -> hidden_dims reversed... -> D logits.

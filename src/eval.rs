@@ -6,10 +6,13 @@
 //! through the decoder in passes of at most `PASS_ROWS` rows (several examples per pass when k
 //! is small), and a running log-sum-exp in f64 keeps memory bounded for any k.
 
+use crate::config::MAX_K;
+use crate::dataset::Dataset;
 use crate::error::{Result, VaeError};
 use crate::model::Workspace;
+use crate::pool::keep_awake;
 use crate::rng::{fill_normal, stream, Purpose};
-use crate::train::{keep_awake, Dataset, Model};
+use crate::train::Model;
 
 /// Decoder rows per pass: large enough for efficient products, small enough for cache.
 pub const PASS_ROWS: usize = 1024;
@@ -61,10 +64,9 @@ impl Model {
     ) -> Result<()> {
         self.check_data(data)?;
         let cfg = &self.vae.config;
-        if k == 0 || k > 1 << 24 {
+        if k == 0 || k > MAX_K {
             return Err(VaeError::Config(format!(
-                "k must be between 1 and {}, got {k}",
-                1 << 24
+                "k must be between 1 and {MAX_K}, got {k}"
             )));
         }
         if start > end || end > data.n || out.len() != end - start {
@@ -81,7 +83,7 @@ impl Model {
                 for e0 in (start..end).step_by(group) {
                     let g = group.min(end - e0);
                     // q(z|x) for the group's examples.
-                    data.copy_rows(&mut ws.x[..g * d], e0, g);
+                    data.read_rows(&mut ws.x[..g * d], e0, g);
                     self.vae.encode_forward(&mut ws, g, false);
                     head[..g * 2 * zdim].copy_from_slice(&ws.head[..g * 2 * zdim]);
                     let mut lse = vec![LogSumExp::new(); g];
@@ -97,7 +99,7 @@ impl Model {
                         let rows = g * per;
                         for i in 0..g {
                             let first = i * per * d;
-                            data.copy_rows(&mut ws.x[first..first + d], e0 + i, 1);
+                            data.read_rows(&mut ws.x[first..first + d], e0 + i, 1);
                             for j in 1..per {
                                 let r = i * per + j;
                                 ws.x.copy_within(first..first + d, r * d);
@@ -139,8 +141,7 @@ impl Model {
                     }
                 }
             })
-        });
-        Ok(())
+        })
     }
 }
 

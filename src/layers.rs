@@ -2,294 +2,16 @@
 //! llm.c style: outputs first, then inputs, then dims. B is the batch, I and O a linear layer's
 //! input and output widths, D the pixel count, Z the latent width.
 //!
-//! Matrix products go through `matmul`, which splits the output across the current rayon pool
-//! and runs each part on one thread: on AMX tiles to float32 rounding (`amx`) when the CPU has
-//! them and the product is large enough, else with the `gemm` crate (measured faster here
-//! than gemm's own threading). Each output element is reduced by one thread in a fixed order,
-//! the same whatever the split, so results are bit-identical from run to run. Backward functions overwrite their gradients (one batch per
-//! step), they do not accumulate.
+//! Matrix products go through `matmul` (bit-identical from run to run whatever the split).
+//! Backward functions overwrite their gradients (one batch per step), they do not accumulate.
 
 // Layer functions take their dims explicitly, as llm.c's do.
 #![allow(clippy::too_many_arguments)]
 
-use crate::amx;
 use crate::config::Activation;
+use crate::matmul::{matmul_on, product_threads, Op};
 use crate::simd::{dispatch, exp_nonpositive, log1p_unit, LANES};
 use rayon::prelude::*;
-
-/// A strided matrix: element (i, j) at `ptr + i*rs + j*cs`.
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *mut f32,
-    rows: usize,
-    cols: usize,
-    rs: isize,
-    cs: isize,
-}
-
-// SAFETY: a Mat is only handed to threads that touch disjoint parts of a destination, or that
-// only read a source; `matmul` below is the only place that creates them.
-unsafe impl Send for Mat {}
-unsafe impl Sync for Mat {}
-
-impl Mat {
-    fn read(&self) -> amx::View {
-        amx::View {
-            ptr: self.ptr,
-            rows: self.rows,
-            cols: self.cols,
-            rs: self.rs,
-            cs: self.cs,
-        }
-    }
-    fn rows(self, start: usize, len: usize) -> Mat {
-        Mat {
-            ptr: self.ptr.wrapping_offset(start as isize * self.rs),
-            rows: len,
-            ..self
-        }
-    }
-    fn cols(self, start: usize, len: usize) -> Mat {
-        Mat {
-            ptr: self.ptr.wrapping_offset(start as isize * self.cs),
-            cols: len,
-            ..self
-        }
-    }
-}
-
-/// Smallest part of an output dimension worth giving to its own thread.
-const MIN_SPLIT: usize = 32;
-/// Products below this many multiply-adds run on one thread: splitting costs more than it saves
-/// (with the pool kept awake during a step, a split costs a few microseconds).
-const MIN_PARALLEL_MACS: usize = 1 << 18;
-
-/// Work applied to each finished row piece of a product while it is in cache, given the
-/// piece and the column it starts at (bias and activation, say).
-pub type Epilogue<'a> = &'a (dyn Fn(&mut [f32], usize) + Sync);
-
-/// dst (m, n) = a (m, k) b (k, n), split over `parts` threads along the larger output dim;
-/// `col0` is dst's first column within the whole product, for the epilogue.
-///
-/// `tiles`: run on AMX, decided once for the whole product so that every element is summed
-/// the same way whatever the split.
-fn matmul_split(
-    dst: Mat,
-    a: Mat,
-    b: Mat,
-    parts: usize,
-    col0: usize,
-    tiles: bool,
-    epi: Option<Epilogue<'_>>,
-) {
-    let (m, n) = (dst.rows, dst.cols);
-    if parts > 1 && m.max(n) >= 2 * MIN_SPLIT {
-        let left = parts / 2;
-        // Row-major right-hand sides split best by rows even when n > m (measured at B = 128:
-        // 282 us against 309 us for 128x784x400 on two threads); otherwise the larger side.
-        // On AMX each part packs its share of the operand it splits and all of the other, so
-        // the larger operand is split.
-        let by_rows = if tiles {
-            m >= 2 * MIN_SPLIT && (m >= n || a.rows * a.cols >= b.rows * b.cols)
-        } else {
-            m >= n || (b.cs == 1 && m >= 2 * MIN_SPLIT)
-        };
-        if by_rows {
-            // Split rows at a multiple of 16 (the kernels' register tile), in proportion to parts.
-            let cut = ((m * left / parts) / 16 * 16).clamp(16, m - 16);
-            rayon::join(
-                || matmul_split(dst.rows(0, cut), a.rows(0, cut), b, left, col0, tiles, epi),
-                || {
-                    let (d, a) = (dst.rows(cut, m - cut), a.rows(cut, m - cut));
-                    matmul_split(d, a, b, parts - left, col0, tiles, epi)
-                },
-            );
-        } else {
-            let cut = ((n * left / parts) / 16 * 16).clamp(16, n - 16);
-            rayon::join(
-                || matmul_split(dst.cols(0, cut), a, b.cols(0, cut), left, col0, tiles, epi),
-                || {
-                    let (d, b) = (dst.cols(cut, n - cut), b.cols(cut, n - cut));
-                    matmul_split(d, a, b, parts - left, col0 + cut, tiles, epi)
-                },
-            );
-        }
-        return;
-    }
-    if tiles {
-        // SAFETY: the public wrappers check that every (i, j) addressed by dst, a and b lies
-        // inside the slices they came from; splits only narrow those ranges. `use_amx` checked
-        // that AMX is on and that the strides suit its packing.
-        unsafe { amx::gemm(dst.ptr, dst.rs, dst.cs, a.read(), b.read()) };
-    } else {
-        // SAFETY: as above.
-        unsafe { gemm_crate(dst, a, b) };
-    }
-    if let Some(f) = epi {
-        debug_assert_eq!(dst.cs, 1);
-        for r in 0..m {
-            // SAFETY: row r of this tile: n contiguous elements (dst is row-major) that no
-            // other task touches.
-            let row =
-                unsafe { std::slice::from_raw_parts_mut(dst.ptr.offset(r as isize * dst.rs), n) };
-            f(row, col0);
-        }
-    }
-}
-
-/// Products of at least this many multiply-adds run on AMX when it is there. Below it the
-/// packing costs more than the tiles save: with the threshold at 2^16, the small products of
-/// the latent block made a training step slower (1828 us against 1715 with `gemm` alone); at
-/// 2^23 only the output layer's three products (and a dense first layer's) go to AMX, and the
-/// step took 1572-1583 us against 1687-1720.
-const MIN_AMX_MACS: usize = 1 << 23;
-/// And every side at least this long: each packed element must serve enough multiply-adds.
-/// At batch 32 the output layer's products on AMX made training slower (33,000 samples/s
-/// against 43,000 with `gemm`); at batch 64 both gave 53,000, at 128 AMX is ahead.
-const MIN_AMX_SIDE: usize = 128;
-
-fn use_amx(a: &Mat, b: &Mat) -> bool {
-    a.rows * a.cols * b.cols >= MIN_AMX_MACS
-        && a.rows.min(a.cols).min(b.cols) >= MIN_AMX_SIDE
-        && amx::available()
-        && amx::supports(&a.read(), &b.read())
-}
-
-/// dst = a b by the `gemm` crate on this thread.
-///
-/// # Safety
-/// Every element the three matrices address must be valid, and dst's free of other access.
-unsafe fn gemm_crate(dst: Mat, a: Mat, b: Mat) {
-    gemm::gemm(
-        dst.rows,
-        dst.cols,
-        a.cols,
-        dst.ptr,
-        dst.cs,
-        dst.rs,
-        false,
-        a.ptr,
-        a.cs,
-        a.rs,
-        b.ptr,
-        b.cs,
-        b.rs,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
-}
-
-/// How a matrix sits in its slice.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Layout {
-    /// (rows, cols) row-major.
-    Normal,
-    /// The transpose of a (cols, rows) row-major matrix.
-    Transposed,
-}
-
-fn view(s: &[f32], rows: usize, cols: usize, layout: Layout) -> Mat {
-    assert_eq!(s.len(), rows * cols, "matrix slice length");
-    let (rs, cs) = match layout {
-        Layout::Normal => (cols as isize, 1),
-        Layout::Transposed => (1, rows as isize),
-    };
-    Mat {
-        ptr: s.as_ptr() as *mut f32,
-        rows,
-        cols,
-        rs,
-        cs,
-    }
-}
-
-/// Threads worth using for a product of m * k * n multiply-adds.
-pub fn product_threads(m: usize, k: usize, n: usize) -> usize {
-    if m * n * k < MIN_PARALLEL_MACS {
-        1
-    } else {
-        rayon::current_num_threads().max(1)
-    }
-}
-
-/// dst (m, n) = op(a) (m, k) op(b) (k, n), over the current rayon pool.
-pub fn matmul(
-    dst: &mut [f32],
-    a: &[f32],
-    a_layout: Layout,
-    b: &[f32],
-    b_layout: Layout,
-    m: usize,
-    k: usize,
-    n: usize,
-) {
-    let parts = product_threads(m, k, n);
-    matmul_on(parts, dst, a, a_layout, b, b_layout, m, k, n, None);
-}
-
-/// `matmul` on `parts` threads, then `epi` on each finished row piece.
-pub fn matmul_on(
-    parts: usize,
-    dst: &mut [f32],
-    a: &[f32],
-    a_layout: Layout,
-    b: &[f32],
-    b_layout: Layout,
-    m: usize,
-    k: usize,
-    n: usize,
-    epi: Option<Epilogue<'_>>,
-) {
-    let d = view(dst, m, n, Layout::Normal);
-    let a = view(a, m, k, a_layout);
-    let b = view(b, k, n, b_layout);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        dst.fill(0.0);
-        if let Some(f) = epi {
-            dst.chunks_exact_mut(n).for_each(|row| f(row, 0));
-        }
-        return;
-    }
-    let tiles = use_amx(&a, &b);
-    matmul_split(d, a, b, parts.max(1), 0, tiles, epi);
-}
-
-/// Reference product for tests: f64 accumulation, no blocking.
-pub fn matmul_naive(
-    dst: &mut [f32],
-    a: &[f32],
-    a_layout: Layout,
-    b: &[f32],
-    b_layout: Layout,
-    m: usize,
-    k: usize,
-    n: usize,
-) {
-    let at = |i: usize, p: usize| match a_layout {
-        Layout::Normal => a[i * k + p],
-        Layout::Transposed => a[p * m + i],
-    };
-    let bt = |p: usize, j: usize| match b_layout {
-        Layout::Normal => b[p * n + j],
-        Layout::Transposed => b[j * k + p],
-    };
-    for i in 0..m {
-        for j in 0..n {
-            let mut acc = 0.0f64;
-            for p in 0..k {
-                acc += at(i, p) as f64 * bt(p, j) as f64;
-            }
-            dst[i * n + j] = acc as f32;
-        }
-    }
-}
 
 /// Rows per parallel task for an elementwise pass over a (rows, width) buffer.
 fn rows_per_task(rows: usize, width: usize) -> usize {
@@ -356,9 +78,9 @@ pub fn linear_forward_on(
         parts,
         out,
         inp,
-        Layout::Normal,
+        Op::Plain,
         weight,
-        Layout::Transposed,
+        Op::Transposed,
         b,
         i,
         o,
@@ -434,7 +156,7 @@ pub fn linear_backward(
 ) {
     let parts = product_threads(o, b, i);
     let weight_grads = |dweight: &mut [f32], dbias: &mut [f32], parts: usize| {
-        let (lhs, rhs) = (Layout::Transposed, Layout::Normal);
+        let (lhs, rhs) = (Op::Transposed, Op::Plain);
         matmul_on(parts, dweight, dout, lhs, inp, rhs, o, b, i, None);
         bias_backward(dbias, dout, b, o);
     };
@@ -443,9 +165,9 @@ pub fn linear_backward(
             parts,
             dinp,
             dout,
-            Layout::Normal,
+            Op::Plain,
             weight,
-            Layout::Normal,
+            Op::Plain,
             b,
             o,
             i,
@@ -595,40 +317,6 @@ pub(crate) mod tests {
                 (h >> 8) as f32 / (1u32 << 24) as f32 - 0.5
             })
             .collect()
-    }
-
-    #[test]
-    fn matmul_matches_naive_all_layouts() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
-        // The last three reach AMX where it is there (the first two with odd sizes).
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (3, 5, 2),
-            (70, 33, 130),
-            (200, 301, 150),
-            (784, 128, 400),
-            (128, 784, 400),
-        ] {
-            for la in [Layout::Normal, Layout::Transposed] {
-                for lb in [Layout::Normal, Layout::Transposed] {
-                    let a = pseudo(m * k, 1);
-                    let b = pseudo(k * n, 2);
-                    let mut fast = vec![0.0; m * n];
-                    let mut slow = vec![0.0; m * n];
-                    pool.install(|| matmul(&mut fast, &a, la, &b, lb, m, k, n));
-                    matmul_naive(&mut slow, &a, la, &b, lb, m, k, n);
-                    let err = fast
-                        .iter()
-                        .zip(&slow)
-                        .map(|(x, y)| (x - y).abs())
-                        .fold(0.0, f32::max);
-                    assert!(err < 1e-4, "{m}x{k}x{n} {la:?} {lb:?}: {err}");
-                }
-            }
-        }
     }
 
     #[test]

@@ -1,27 +1,32 @@
-//! The VAE's forward and backward passes over a batch, composed from `layers`.
+//! The VAE's forward and backward passes over a batch, composed from `layers` and
+//! `first_layer`. Weights only: the optimizer and the step are in `step`.
 //!
 //! Forward: x (B, D) -> encoder (B, h1) ... (B, hk) -> head (B, 2Z) = [mu | logvar]
 //! -> z = mu + exp(logvar / 2) eps (B, Z) -> decoder (B, hk) ... (B, h1) -> logits (B, D).
 //! Loss per example: -log p(x|z) (Bernoulli, summed over D) + KL(q(z|x) || N(0, I)).
+//!
+//! The passes run in three stretches: the encoder's hidden layers (the first through
+//! `first_layer`), the latent block (the head, the reparameterization and the decoder's first
+//! hidden layer, if any) by parts of rows, and the rest of the decoder.
 
 use crate::config::{Activation, Config};
+use crate::first_layer::{self, BatchNonzeros};
 use crate::layers::{
     activation_backward, activation_backward_rows, bce_logits_forward_backward, bias_backward,
-    linear_backward, linear_forward, linear_forward_on, matmul, matmul_on, reparam_kl_backward,
-    reparam_kl_forward, Layout as MatLayout,
+    linear_backward, linear_forward, linear_forward_on, reparam_kl_backward, reparam_kl_forward,
 };
-use crate::params::{Layout, LinearLayout};
-use crate::sparse::{first_layer_forward, first_layer_weight_grad, BatchColumns, GradSink};
+use crate::matmul::{matmul_on, Op};
+use crate::params::{LinearLayout, ParamLayout};
 use rayon::prelude::*;
 
-/// Rows per part at least for the latent block to run by parts (`Vae::latent_forward`).
+/// Rows per part at least for the latent block to run by parts (`Vae::latent_parts`).
 const LATENT_MIN_ROWS: usize = 16;
 
 /// Architecture and weights; no optimizer state.
 #[derive(Debug, Clone)]
 pub struct Vae {
     pub config: Config,
-    pub layout: Layout,
+    pub layout: ParamLayout,
     /// All weights and biases, laid out by `layout`.
     pub params: Vec<f32>,
 }
@@ -53,18 +58,19 @@ pub struct Workspace {
     pub dz: Vec<f32>,
     pub ddec: Vec<Vec<f32>>,
     /// The batch's nonzeros by row and by input column, when the first layer runs sparse.
-    pub cols: BatchColumns,
-    /// Each part's gradients of the head and the first decoder layer in `latent_backward`.
-    pub latent: Vec<f32>,
+    pub nonzeros: BatchNonzeros,
+    /// The weight gradients of the latent block of every part but the first (which goes
+    /// straight into the gradients), (parts - 1, latent span).
+    pub latent_grads: Vec<f32>,
 }
 
-/// What `loss_backward` does with the first layer's weight gradient.
+/// What `Vae::backward` does with the first layer's weight gradient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FirstWeight {
     /// Compute it into the gradients.
     Compute,
-    /// Leave it for the caller (`first_layer_weight_grad`, or fused with Adam): ws.denc[0]
-    /// holds the gradient it comes from.
+    /// Leave it for the caller (`first_layer::sparse_weight_backward` fused with Adam):
+    /// ws.denc[0] holds the gradient it comes from.
     Defer,
 }
 
@@ -89,8 +95,8 @@ impl Workspace {
             kl: vec![0.0; cap],
             dhead: grad(2 * z),
             dz: grad(z),
-            cols: BatchColumns::default(),
-            latent: Vec::new(),
+            nonzeros: BatchNonzeros::default(),
+            latent_grads: Vec::new(),
         }
     }
 }
@@ -103,9 +109,40 @@ fn weight_grads<'a>(grads: &'a mut [f32], l: &LinearLayout) -> (&'a mut [f32], &
     grads[l.weight.start..l.bias.end].split_at_mut(l.weight.len())
 }
 
+/// One part's rows of the latent block's forward buffers.
+struct LatentForwardPart<'a> {
+    /// (r, hk) the last encoder activations, or x without hidden layers.
+    inp: &'a [f32],
+    /// (r, Z) the noise.
+    eps: &'a [f32],
+    /// (r, 2Z), (r, Z), (r) written.
+    head: &'a mut [f32],
+    z: &'a mut [f32],
+    kl: &'a mut [f64],
+    /// (r, hk) the first decoder layer's activations, when the block holds that layer.
+    dec0: Option<&'a mut [f32]>,
+}
+
+/// One part's rows of the latent block's backward buffers, and its weight gradients (the
+/// head's, then the first decoder layer's when the block holds it: one range).
+struct LatentBackwardPart<'a> {
+    grads: &'a mut [f32],
+    head: &'a [f32],
+    eps: &'a [f32],
+    z: &'a [f32],
+    inp: &'a [f32],
+    /// (r, hk) the first decoder layer's activations and their gradient, when in the block.
+    dec0: Option<(&'a [f32], &'a mut [f32])>,
+    /// (r, Z): from the first decoder layer here, or the output layer's input gradient.
+    dz: &'a mut [f32],
+    dhead: &'a mut [f32],
+    /// (r, hk) the last encoder activations' gradient (none without hidden layers).
+    dinp: Option<&'a mut [f32]>,
+}
+
 impl Vae {
     pub fn new(config: Config, seed: u64) -> Self {
-        let layout = Layout::new(&config);
+        let layout = ParamLayout::new(&config);
         let params = layout.init(seed);
         Vae {
             config,
@@ -118,37 +155,10 @@ impl Vae {
         self.config.activation
     }
 
-    /// ws.x[..n] -> ws.head[..n] = [mu | logvar].
-    /// With `sparse`, the batch's nonzeros are indexed (in ws.cols) and the first layer skips
-    /// zero inputs, here and in the weight gradient.
+    /// ws.x[..n] -> ws.head[..n] = [mu | logvar], q(z|x) alone (encoding and the
+    /// importance-weighted estimate).
     pub fn encode_forward(&self, ws: &mut Workspace, n: usize, sparse: bool) {
         self.encode_hidden(ws, n, sparse);
-        self.head_forward(ws, n);
-    }
-
-    /// The encoder's hidden layers: ws.x[..n] -> ws.enc.
-    fn encode_hidden(&self, ws: &mut Workspace, n: usize, sparse: bool) {
-        let p = &self.params;
-        let mut inp: &[f32] = &ws.x[..n * self.config.input_dim];
-        ws.cols.clear();
-        for (l, out) in self.layout.encoder.iter().zip(ws.enc.iter_mut()) {
-            let (w, b) = weights(p, l);
-            let out = &mut out[..n * l.out_dim];
-            if l.transposed {
-                if sparse {
-                    ws.cols.build(inp, n, l.in_dim);
-                }
-                let cols = ws.cols.get();
-                first_layer_forward(out, inp, cols, w, b, n, l.in_dim, l.out_dim, self.act());
-            } else {
-                linear_forward(out, inp, w, b, n, l.in_dim, l.out_dim, Some(self.act()));
-            }
-            inp = out;
-        }
-    }
-
-    /// The last encoder activations (or x) -> ws.head = [mu | logvar].
-    fn head_forward(&self, ws: &mut Workspace, n: usize) {
         let h = &self.layout.head;
         let inp = match self.layout.encoder.len() {
             0 => &ws.x[..n * h.in_dim],
@@ -159,122 +169,90 @@ impl Vae {
         linear_forward(head, inp, w, b, n, h.in_dim, h.out_dim, None);
     }
 
-    /// Parts of rows for `latent_forward` and `latent_backward`, or 1 when they do not apply:
-    /// one thread, or no hidden layer before the head or after z.
-    fn latent_parts(&self, n: usize) -> usize {
-        if self.layout.encoder.is_empty() || self.layout.decoder.len() < 2 {
-            return 1;
+    /// The encoder's hidden layers: ws.x[..n] -> ws.enc, the first through `first_layer`.
+    /// With `sparse`, the batch's nonzeros are indexed (in ws.nonzeros) and the first layer
+    /// skips zero inputs, here and in the weight gradient.
+    fn encode_hidden(&self, ws: &mut Workspace, n: usize, sparse: bool) {
+        let p = &self.params;
+        let mut inp: &[f32] = &ws.x[..n * self.config.input_dim];
+        ws.nonzeros.clear();
+        for (i, (l, out)) in self
+            .layout
+            .encoder
+            .iter()
+            .zip(ws.enc.iter_mut())
+            .enumerate()
+        {
+            let (w, b) = weights(p, l);
+            let out = &mut out[..n * l.out_dim];
+            if i == 0 {
+                if sparse {
+                    ws.nonzeros.build(inp, n, l.in_dim);
+                }
+                let nz = ws.nonzeros.get();
+                first_layer::forward(out, inp, nz, w, b, n, l.in_dim, l.out_dim, self.act());
+            } else {
+                linear_forward(out, inp, w, b, n, l.in_dim, l.out_dim, Some(self.act()));
+            }
+            inp = out;
         }
+    }
+
+    /// Whether the latent block holds the decoder's first layer (it has a hidden layer).
+    fn latent_has_dec0(&self) -> bool {
+        self.layout.decoder.len() >= 2
+    }
+
+    /// Parts of rows for the latent block: one per thread, each of at least LATENT_MIN_ROWS.
+    fn latent_parts(&self, n: usize) -> usize {
         rayon::current_num_threads().min(n / LATENT_MIN_ROWS).max(1)
     }
 
-    /// The head, the reparameterization and the first decoder layer, by parts of rows in
-    /// parallel, each part's products on one thread: their 2Z- and Z-wide sides are too narrow
-    /// to split each product well, and a part's rows stay with its thread from the last
-    /// encoder activations to the first decoder ones.
-    fn latent_forward(&self, ws: &mut Workspace, n: usize, parts: usize) {
+    /// The head, the reparameterization with the KL, and the first decoder layer, by parts of
+    /// rows in parallel, each part's products on one thread: their 2Z- and Z-wide sides are
+    /// too narrow to split each product well, and a part's rows stay with its thread from the
+    /// last encoder activations to the first decoder ones.
+    fn latent_forward(&self, ws: &mut Workspace, n: usize) {
         let (zd, act, p) = (self.config.latent_dim, self.act(), &self.params);
-        let (h, d0) = (&self.layout.head, &self.layout.decoder[0]);
-        let ((wh, bh), (wd, bd)) = (weights(p, h), weights(p, d0));
-        let rows = n.div_ceil(parts);
-        let inp = &ws.enc[self.layout.encoder.len() - 1][..n * h.in_dim];
-        let (head, z, kl) = (
-            &mut ws.head[..n * 2 * zd],
-            &mut ws.z[..n * zd],
-            &mut ws.kl[..n],
-        );
-        let (eps, dec0) = (&ws.eps[..n * zd], &mut ws.dec[0][..n * d0.out_dim]);
-        head.par_chunks_mut(rows * 2 * zd)
-            .zip(z.par_chunks_mut(rows * zd))
-            .zip(kl.par_chunks_mut(rows))
-            .zip(dec0.par_chunks_mut(rows * d0.out_dim))
-            .zip(inp.par_chunks(rows * h.in_dim))
-            .zip(eps.par_chunks(rows * zd))
-            .for_each(|(((((hc, zc), klc), dc), ic), ec)| {
-                let r = klc.len();
-                linear_forward_on(1, hc, ic, wh, bh, r, h.in_dim, h.out_dim, None);
-                reparam_kl_forward(zc, klc, hc, ec, zd);
-                linear_forward_on(1, dc, zc, wd, bd, r, zd, d0.out_dim, Some(act));
-            });
+        let h = &self.layout.head;
+        let (wh, bh) = weights(p, h);
+        let rows = n.div_ceil(self.latent_parts(n));
+        let inp = match self.layout.encoder.len() {
+            0 => &ws.x[..n * h.in_dim],
+            k => &ws.enc[k - 1][..n * h.in_dim],
+        };
+        let d0 = self.latent_has_dec0().then(|| &self.layout.decoder[0]);
+        let mut dec0 = match d0 {
+            Some(d0) => Some(ws.dec[0][..n * d0.out_dim].chunks_mut(rows * d0.out_dim)),
+            None => None,
+        };
+        let mut inp = inp.chunks(rows * h.in_dim);
+        let mut eps = ws.eps[..n * zd].chunks(rows * zd);
+        let mut head = ws.head[..n * 2 * zd].chunks_mut(rows * 2 * zd);
+        let mut z = ws.z[..n * zd].chunks_mut(rows * zd);
+        let parts: Vec<_> = ws.kl[..n]
+            .chunks_mut(rows)
+            .map(|kl| LatentForwardPart {
+                inp: inp.next().expect("one chunk per part"),
+                eps: eps.next().expect("one chunk per part"),
+                head: head.next().expect("one chunk per part"),
+                z: z.next().expect("one chunk per part"),
+                kl,
+                dec0: dec0.as_mut().map(|c| c.next().expect("one chunk per part")),
+            })
+            .collect();
+        parts.into_par_iter().for_each(|part| {
+            let r = part.kl.len();
+            linear_forward_on(1, part.head, part.inp, wh, bh, r, h.in_dim, h.out_dim, None);
+            reparam_kl_forward(part.z, part.kl, part.head, part.eps, zd);
+            if let (Some(out), Some(d0)) = (part.dec0, d0) {
+                let (wd, bd) = weights(p, d0);
+                linear_forward_on(1, out, part.z, wd, bd, r, zd, d0.out_dim, Some(act));
+            }
+        });
     }
 
-    /// The backward pass of `latent_forward`: from the gradient of the first decoder layer's
-    /// activations (ws.ddec[0]) to that of the last encoder layer's (ws.denc), with the head's
-    /// and the first decoder layer's weight gradients summed over the parts in part order.
-    fn latent_backward(&self, grads: &mut [f32], ws: &mut Workspace, n: usize, parts: usize) {
-        let (zd, act, p) = (self.config.latent_dim, self.act(), &self.params);
-        let (h, d0) = (&self.layout.head, &self.layout.decoder[0]);
-        let (wh, wd) = (weights(p, h).0, weights(p, d0).0);
-        let (hd, h1) = (d0.out_dim, h.in_dim);
-        let rows = n.div_ceil(parts);
-        // The head's parameters, then the first decoder layer's, are one range.
-        let span = h.weight.start..d0.bias.end;
-        debug_assert_eq!(h.bias.end, d0.weight.start);
-        let len = span.len();
-        let count = n.div_ceil(rows);
-        if ws.latent.len() < count * len {
-            ws.latent.resize(count * len, 0.0);
-        }
-        let k = self.layout.encoder.len() - 1;
-        let (inp, dinp) = (&ws.enc[k][..n * h1], &mut ws.denc[k][..n * h1]);
-        let (dec0, ddec0) = (&ws.dec[0][..n * hd], &mut ws.ddec[0][..n * hd]);
-        let (head, z, eps) = (&ws.head[..n * 2 * zd], &ws.z[..n * zd], &ws.eps[..n * zd]);
-        let (dz, dhead) = (&mut ws.dz[..n * zd], &mut ws.dhead[..n * 2 * zd]);
-        let part_grads = &mut ws.latent[..count * len];
-        part_grads
-            .par_chunks_mut(len)
-            .zip(ddec0.par_chunks_mut(rows * hd))
-            .zip(dec0.par_chunks(rows * hd))
-            .zip(dz.par_chunks_mut(rows * zd))
-            .zip(dhead.par_chunks_mut(rows * 2 * zd))
-            .zip(head.par_chunks(rows * 2 * zd))
-            .zip(eps.par_chunks(rows * zd))
-            .zip(z.par_chunks(rows * zd))
-            .zip(inp.par_chunks(rows * h1))
-            .zip(dinp.par_chunks_mut(rows * h1))
-            .for_each(
-                |(((((((((g, dd), d), dzc), dhc), hc), ec), zc), ic), dic)| {
-                    let r = ec.len() / zd;
-                    let (gh, gd) = g.split_at_mut(h.bias.end - h.weight.start);
-                    let (gh_w, gh_b) = gh.split_at_mut(h.weight.len());
-                    let (gd_w, gd_b) = gd.split_at_mut(d0.weight.len());
-                    let (normal, transposed) = (MatLayout::Normal, MatLayout::Transposed);
-                    activation_backward_rows(dd, d, act);
-                    matmul_on(1, dzc, dd, normal, wd, normal, r, hd, zd, None);
-                    matmul_on(1, gd_w, dd, transposed, zc, normal, hd, r, zd, None);
-                    bias_backward(gd_b, dd, r, hd);
-                    reparam_kl_backward(dhc, dzc, hc, ec, zd);
-                    matmul_on(1, dic, dhc, normal, wh, normal, r, 2 * zd, h1, None);
-                    matmul_on(1, gh_w, dhc, transposed, ic, normal, 2 * zd, r, h1, None);
-                    bias_backward(gh_b, dhc, r, 2 * zd);
-                },
-            );
-        let out = &mut grads[span];
-        let (first, rest) = part_grads.split_at(len);
-        out.copy_from_slice(first);
-        for part in rest.chunks_exact(len) {
-            out.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-        }
-    }
-
-    /// ws.head, ws.eps -> ws.z and ws.kl for the first n rows.
-    pub fn reparameterize(&self, ws: &mut Workspace, n: usize) {
-        let z = self.config.latent_dim;
-        reparam_kl_forward(
-            &mut ws.z[..n * z],
-            &mut ws.kl[..n],
-            &ws.head[..n * 2 * z],
-            &ws.eps[..n * z],
-            z,
-        );
-    }
-
-    /// ws.z[..n] -> logits in ws.dec.last()[..n].
-    pub fn decode_forward(&self, ws: &mut Workspace, n: usize) {
-        self.decode_from(ws, n, 0);
-    }
-
-    /// The decoder from its layer `first` on, that layer's input in place.
+    /// The decoder from its layer `first` on, that layer's input in place (ws.z for layer 0).
     fn decode_from(&self, ws: &mut Workspace, n: usize, first: usize) {
         let p = &self.params;
         let last = self.layout.decoder.len() - 1;
@@ -290,38 +268,24 @@ impl Vae {
             let (w, b) = weights(p, l);
             let act = (j < last).then_some(self.act());
             let out = &mut out[..n * l.out_dim];
-            linear_forward(
-                out,
-                &prev[..n * l.in_dim],
-                w,
-                b,
-                n,
-                l.in_dim,
-                l.out_dim,
-                act,
-            );
+            let inp = &prev[..n * l.in_dim];
+            linear_forward(out, inp, w, b, n, l.in_dim, l.out_dim, act);
             prev = out;
             rest = tail;
         }
     }
 
-    /// Full forward pass for n rows given ws.x and ws.eps; leaves logits in ws.dec.last().
-    pub fn forward(&self, ws: &mut Workspace, n: usize, sparse: bool) {
-        self.encode_forward(ws, n, sparse);
-        self.reparameterize(ws, n);
-        self.decode_forward(ws, n);
+    /// ws.z[..n] -> logits in ws.dec.last()[..n].
+    pub fn decode_forward(&self, ws: &mut Workspace, n: usize) {
+        self.decode_from(ws, n, 0);
     }
 
-    /// The forward pass for training, ahead of `loss_backward`: as `forward`, with the latent
-    /// block by parts of rows on several threads (`latent_forward`).
-    pub fn forward_train(&self, ws: &mut Workspace, n: usize, sparse: bool) {
-        let parts = self.latent_parts(n);
-        if parts == 1 {
-            return self.forward(ws, n, sparse);
-        }
+    /// The full forward pass for n rows given ws.x and ws.eps: ws.kl and the logits in
+    /// ws.dec.last().
+    pub fn forward(&self, ws: &mut Workspace, n: usize, sparse: bool) {
         self.encode_hidden(ws, n, sparse);
-        self.latent_forward(ws, n, parts);
-        self.decode_from(ws, n, 1);
+        self.latent_forward(ws, n);
+        self.decode_from(ws, n, usize::from(self.latent_has_dec0()));
     }
 
     /// Per-example -log p(x|z) into ws.bce; with `grad`, the logits become their gradient.
@@ -337,40 +301,36 @@ impl Vae {
         );
     }
 
-    /// After `forward_train`: the loss summed over the n rows, and its gradient with respect
-    /// to every parameter written into `grads` (laid out as the parameters).
-    ///
-    /// With `check_finite`, a non-finite loss is an error (before any gradient is computed).
-    /// `first` says whether the first layer's weight gradient is computed or left to the caller.
-    pub fn loss_backward(
-        &self,
-        grads: &mut [f32],
-        ws: &mut Workspace,
-        n: usize,
-        check_finite: bool,
-        first: FirstWeight,
-    ) -> Result<f64, String> {
-        debug_assert_eq!(grads.len(), self.params.len());
+    /// After `forward`: the loss summed over the n rows (BCE + KL), the logits turned into
+    /// their gradient for `backward`.
+    pub fn loss(&self, ws: &mut Workspace, n: usize) -> f64 {
         self.reconstruction_loss(ws, n, true);
-        let loss = ws.bce[..n].iter().sum::<f64>() + ws.kl[..n].iter().sum::<f64>();
-        if check_finite && !loss.is_finite() {
-            return Err(format!("the loss is {loss}"));
-        }
-        let act = self.act();
-        let layout = &self.layout;
-        let params = &self.params;
-        // Decoder, last layer first. dout of layer j is the logits' gradient for the last
-        // layer and ddec[j] (made pre-activation) for the others.
-        let dec_layers = &layout.decoder;
-        let parts = self.latent_parts(n);
-        let latent = parts > 1;
-        for j in (usize::from(latent)..dec_layers.len()).rev() {
-            let l = &dec_layers[j];
+        ws.bce[..n].iter().sum::<f64>() + ws.kl[..n].iter().sum::<f64>()
+    }
+
+    /// After `loss`: the gradient of the loss with respect to every parameter, written into
+    /// `grads` (laid out as the parameters); `first` says whether the first layer's weight
+    /// gradient is computed or left to the caller.
+    pub fn backward(&self, grads: &mut [f32], ws: &mut Workspace, n: usize, first: FirstWeight) {
+        debug_assert_eq!(grads.len(), self.params.len());
+        self.decoder_backward(grads, ws, n);
+        self.latent_backward(grads, ws, n);
+        self.encoder_backward(grads, ws, n, first);
+    }
+
+    /// The decoder's layers after the latent block, last first: from the logits' gradient to
+    /// ws.ddec[0] (or ws.dz without a hidden layer). The gradient of layer j's output is the
+    /// logits' for the last layer, ddec[j] made pre-activation for the others.
+    fn decoder_backward(&self, grads: &mut [f32], ws: &mut Workspace, n: usize) {
+        let (act, params) = (self.act(), &self.params);
+        let layers = &self.layout.decoder;
+        for j in (usize::from(self.latent_has_dec0())..layers.len()).rev() {
+            let l = &layers[j];
             let (dw, db) = weight_grads(grads, l);
             let (w, _) = weights(params, l);
             let (dec_before, dec_from_j) = ws.dec.split_at_mut(j);
             let (ddec_before, ddec_from_j) = ws.ddec.split_at_mut(j);
-            let dout: &[f32] = if j + 1 == dec_layers.len() {
+            let dout: &[f32] = if j + 1 == layers.len() {
                 &dec_from_j[0][..n * l.out_dim]
             } else {
                 let d = &mut ddec_from_j[0][..n * l.out_dim];
@@ -387,92 +347,141 @@ impl Vae {
             };
             linear_backward(Some(dinp), dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
         }
+    }
 
-        // The first decoder layer, z and the head; then the encoder from its last layer, the
-        // first layer's input gradient never needed.
-        let enc_layers = &layout.encoder;
-        let d_in = self.config.input_dim;
-        let h = &layout.head;
-        if latent {
-            self.latent_backward(grads, ws, n, parts);
-        } else {
-            let z = self.config.latent_dim;
-            reparam_kl_backward(
-                &mut ws.dhead[..n * 2 * z],
-                &ws.dz[..n * z],
-                &ws.head[..n * 2 * z],
-                &ws.eps[..n * z],
-                z,
-            );
-            let (dw, db) = weight_grads(grads, h);
-            let (w, _) = weights(params, h);
-            let (inp, dinp): (&[f32], Option<&mut [f32]>) = match enc_layers.len() {
-                0 => (&ws.x[..n * d_in], None),
-                k => (
-                    &ws.enc[k - 1][..n * h.in_dim],
-                    Some(&mut ws.denc[k - 1][..n * h.in_dim]),
-                ),
-            };
-            let dout = &ws.dhead[..n * h.out_dim];
-            linear_backward(dinp, dw, db, dout, inp, w, n, h.in_dim, h.out_dim);
+    /// The backward pass of `latent_forward`, by the same parts: to the gradient of the last
+    /// encoder activations (ws.denc), with the head's and the first decoder layer's weight
+    /// gradients summed over the parts in part order.
+    fn latent_backward(&self, grads: &mut [f32], ws: &mut Workspace, n: usize) {
+        let (zd, act, p) = (self.config.latent_dim, self.act(), &self.params);
+        let h = &self.layout.head;
+        let d0 = self.latent_has_dec0().then(|| &self.layout.decoder[0]);
+        let h1 = h.in_dim;
+        let parts = self.latent_parts(n);
+        let rows = n.div_ceil(parts);
+        // The head's parameters, then the first decoder layer's, are one range.
+        let span = h.weight.start..d0.map_or(h.bias.end, |d0| d0.bias.end);
+        debug_assert!(d0.is_none_or(|d0| h.bias.end == d0.weight.start));
+        let len = span.len();
+        let count = n.div_ceil(rows);
+        let extra = (count - 1) * len;
+        if ws.latent_grads.len() < extra {
+            ws.latent_grads.resize(extra, 0.0);
         }
-        for i in (0..enc_layers.len()).rev() {
-            let l = &enc_layers[i];
+        let k = self.layout.encoder.len();
+        let inp = match k {
+            0 => &ws.x[..n * h1],
+            k => &ws.enc[k - 1][..n * h1],
+        };
+        let mut dinp = ws
+            .denc
+            .last_mut()
+            .map(|d| d[..n * h1].chunks_mut(rows * h1));
+        let mut dec0 = match d0 {
+            Some(d0) => {
+                let w = d0.out_dim;
+                let (dec, ddec) = (&ws.dec[0][..n * w], &mut ws.ddec[0][..n * w]);
+                Some(dec.chunks(rows * w).zip(ddec.chunks_mut(rows * w)))
+            }
+            None => None,
+        };
+        let mut inp = inp.chunks(rows * h1);
+        let mut head = ws.head[..n * 2 * zd].chunks(rows * 2 * zd);
+        let mut eps = ws.eps[..n * zd].chunks(rows * zd);
+        let mut z = ws.z[..n * zd].chunks(rows * zd);
+        let mut dz = ws.dz[..n * zd].chunks_mut(rows * zd);
+        let mut dhead = ws.dhead[..n * 2 * zd].chunks_mut(rows * 2 * zd);
+        let part_grads = std::iter::once(&mut grads[span.clone()])
+            .chain(ws.latent_grads[..extra].chunks_mut(len.max(1)));
+        let work: Vec<_> = part_grads
+            .map(|g| LatentBackwardPart {
+                grads: g,
+                head: head.next().expect("one chunk per part"),
+                eps: eps.next().expect("one chunk per part"),
+                z: z.next().expect("one chunk per part"),
+                inp: inp.next().expect("one chunk per part"),
+                dec0: dec0.as_mut().map(|c| c.next().expect("one chunk per part")),
+                dz: dz.next().expect("one chunk per part"),
+                dhead: dhead.next().expect("one chunk per part"),
+                dinp: dinp.as_mut().map(|c| c.next().expect("one chunk per part")),
+            })
+            .collect();
+        work.into_par_iter().for_each(|part| {
+            let r = part.eps.len() / zd;
+            let (gh, gd) = part.grads.split_at_mut(h.bias.end - h.weight.start);
+            let (gh_w, gh_b) = gh.split_at_mut(h.weight.len());
+            let (plain, transposed) = (Op::Plain, Op::Transposed);
+            if let (Some((dec, ddec)), Some(d0)) = (part.dec0, d0) {
+                let (wd, hd) = (weights(p, d0).0, d0.out_dim);
+                let (gd_w, gd_b) = gd.split_at_mut(d0.weight.len());
+                activation_backward_rows(ddec, dec, act);
+                matmul_on(1, part.dz, ddec, plain, wd, plain, r, hd, zd, None);
+                matmul_on(1, gd_w, ddec, transposed, part.z, plain, hd, r, zd, None);
+                bias_backward(gd_b, ddec, r, hd);
+            }
+            reparam_kl_backward(part.dhead, part.dz, part.head, part.eps, zd);
+            let wh = weights(p, h).0;
+            if let Some(dinp) = part.dinp {
+                matmul_on(1, dinp, part.dhead, plain, wh, plain, r, 2 * zd, h1, None);
+            }
+            matmul_on(
+                1,
+                gh_w,
+                part.dhead,
+                transposed,
+                part.inp,
+                plain,
+                2 * zd,
+                r,
+                h1,
+                None,
+            );
+            bias_backward(gh_b, part.dhead, r, 2 * zd);
+        });
+        let out = &mut grads[span];
+        for part in ws.latent_grads[..extra].chunks_exact(len.max(1)) {
+            out.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+    }
+
+    /// The encoder's layers, last first; the first layer through `first_layer`, whose input
+    /// gradient is never needed.
+    fn encoder_backward(
+        &self,
+        grads: &mut [f32],
+        ws: &mut Workspace,
+        n: usize,
+        first: FirstWeight,
+    ) {
+        let (act, params) = (self.act(), &self.params);
+        let d_in = self.config.input_dim;
+        for (i, l) in self.layout.encoder.iter().enumerate().rev() {
             let (dw, db) = weight_grads(grads, l);
-            let (w, _) = weights(params, l);
             let (denc_before, denc_from_i) = ws.denc.split_at_mut(i);
             let dout = &mut denc_from_i[0][..n * l.out_dim];
             activation_backward(dout, &ws.enc[i][..n * l.out_dim], l.out_dim, act);
-            if l.transposed {
-                // The first layer: no input gradient.
+            if i == 0 {
                 bias_backward(db, dout, n, l.out_dim);
                 if first == FirstWeight::Compute {
-                    let (x, cols) = (&ws.x[..n * d_in], ws.cols.get());
-                    first_weight_grad(dw, x, cols, dout, n, l.in_dim, l.out_dim);
+                    let (x, nz) = (&ws.x[..n * d_in], ws.nonzeros.get());
+                    first_layer::weight_backward(dw, x, nz, dout, n, l.in_dim, l.out_dim);
                 }
             } else {
-                let (inp, dinp): (&[f32], Option<&mut [f32]>) = if i == 0 {
-                    (&ws.x[..n * d_in], None)
-                } else {
-                    (
-                        &ws.enc[i - 1][..n * l.in_dim],
-                        Some(&mut denc_before[i - 1][..n * l.in_dim]),
-                    )
-                };
-                linear_backward(dinp, dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
+                let (w, _) = weights(params, l);
+                let inp = &ws.enc[i - 1][..n * l.in_dim];
+                let dinp = &mut denc_before[i - 1][..n * l.in_dim];
+                linear_backward(Some(dinp), dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
             }
         }
-        Ok(loss)
     }
 
-    /// After `loss_backward(.., FirstWeight::Defer)`: the first layer's weight gradient into
+    /// After `backward(.., FirstWeight::Defer)`: the first layer's weight gradient into
     /// `grads`.
-    pub fn first_layer_weight_grad(&self, grads: &mut [f32], ws: &Workspace, n: usize) {
+    pub fn first_weight_backward(&self, grads: &mut [f32], ws: &Workspace, n: usize) {
         let l = &self.layout.encoder[0];
-        debug_assert!(l.transposed);
         let (dw, _) = weight_grads(grads, l);
-        let (x, cols) = (&ws.x[..n * l.in_dim], ws.cols.get());
+        let (x, nz) = (&ws.x[..n * l.in_dim], ws.nonzeros.get());
         let dh = &ws.denc[0][..n * l.out_dim];
-        first_weight_grad(dw, x, cols, dh, n, l.in_dim, l.out_dim);
-    }
-}
-
-/// dwt (I, O) = x^T dh for the first layer, x (B, I) and dh (B, O): from the batch's nonzeros
-/// when `cols` indexes them, else as a dense product.
-fn first_weight_grad(
-    dwt: &mut [f32],
-    x: &[f32],
-    cols: Option<&BatchColumns>,
-    dh: &[f32],
-    n: usize,
-    i: usize,
-    o: usize,
-) {
-    match cols {
-        Some(cols) => first_layer_weight_grad(GradSink::Store(dwt), cols, dh, i, o),
-        None => {
-            let (lhs, rhs) = (MatLayout::Transposed, MatLayout::Normal);
-            matmul(dwt, x, lhs, dh, rhs, i, n, o);
-        }
+        first_layer::weight_backward(dw, x, nz, dh, n, l.in_dim, l.out_dim);
     }
 }

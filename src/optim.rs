@@ -19,7 +19,7 @@ pub struct AdamConfig {
 impl Default for AdamConfig {
     fn default() -> Self {
         AdamConfig {
-            lr: 1e-3,
+            lr: crate::config::DEFAULT_LR,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,

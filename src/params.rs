@@ -11,7 +11,8 @@ use rand::RngExt;
 use std::ops::Range;
 
 /// One linear layer y = x W^T + b: W at `weight` (out_dim, in_dim), or (in_dim, out_dim) when
-/// `transposed`, b at `bias` (out_dim).
+/// `transposed` (the storage order only: `ParamLayout::new` stores the first layer's weight so),
+/// b at `bias` (out_dim).
 #[derive(Debug, Clone)]
 pub struct LinearLayout {
     pub in_dim: usize,
@@ -65,9 +66,9 @@ impl TensorSpec {
 }
 
 /// Offsets of every layer in the flat parameter buffer. The first encoder layer's weight is
-/// stored transposed, (D, h1), for the sparse first layer (see `sparse`).
+/// stored transposed, (D, h1), for its sparse passes (see `first_layer`), and leads the buffer.
 #[derive(Debug, Clone)]
-pub struct Layout {
+pub struct ParamLayout {
     /// D -> h1 -> ... -> hk, activation after each.
     pub encoder: Vec<LinearLayout>,
     /// hk -> 2Z: [mu | logvar].
@@ -77,7 +78,7 @@ pub struct Layout {
     pub len: usize,
 }
 
-impl Layout {
+impl ParamLayout {
     pub fn new(config: &Config) -> Self {
         let mut len = 0;
         let mut linear = |in_dim: usize, out_dim: usize, transposed: bool| {
@@ -104,7 +105,7 @@ impl Layout {
             .windows(2)
             .map(|w| linear(w[0], w[1], false))
             .collect();
-        Layout {
+        ParamLayout {
             encoder,
             head,
             decoder,
@@ -187,7 +188,7 @@ mod tests {
 
     #[test]
     fn tensors_tile_the_buffer() {
-        let layout = Layout::new(&Config::mnist());
+        let layout = ParamLayout::new(&Config::mnist());
         let mut tensors = layout.tensors();
         tensors.sort_by_key(|t| t.range.start);
         let mut covered = 0;
@@ -202,7 +203,7 @@ mod tests {
 
     #[test]
     fn transposed_export_import_round_trip() {
-        let layout = Layout::new(&Config::mnist());
+        let layout = ParamLayout::new(&Config::mnist());
         let flat: Vec<f32> = (0..layout.len).map(|i| i as f32).collect();
         let w1 = &layout.tensors()[0];
         assert!(w1.transposed && w1.shape == vec![400, 784]);

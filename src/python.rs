@@ -2,10 +2,13 @@
 //! around core work, and maps `VaeError` to fastvae's exception classes. No numerics here.
 
 use crate::checkpoint;
-use crate::config::{Activation, Config};
+use crate::config::{self, Activation, Config};
+use crate::dataset::{self, Dataset};
 use crate::error::VaeError;
+use crate::infer::{EVAL_CHUNK, EVAL_PIECE_ROWS, LOG_LIKELIHOOD_CALL_ROWS};
 use crate::params::TensorSpec;
-use crate::train::{Dataset, EpochRun, Model, EVAL_CHUNK};
+use crate::pool;
+use crate::train::{EpochRun, Model};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyFloatingPointError, PyValueError};
 use pyo3::prelude::*;
@@ -56,8 +59,8 @@ fn to_py(e: VaeError) -> PyErr {
     }
 }
 
-/// Copy a 2-D float32 or float64 array (any strides) into a row-major f32 buffer.
-fn copy_rows(x: &Bound<'_, PyAny>, name: &str) -> PyResult<(Vec<f32>, usize, usize)> {
+/// Copy a 2-D float32 or float64 array (any strides) into a row-major f32 buffer (n, d).
+fn array_to_rows(x: &Bound<'_, PyAny>, name: &str) -> PyResult<(Vec<f32>, usize, usize)> {
     if let Ok(a) = x.extract::<PyReadonlyArray2<'_, f32>>() {
         let (n, d) = (a.shape()[0], a.shape()[1]);
         // as_slice() also accepts Fortran-contiguous memory, which is not row-major.
@@ -74,6 +77,53 @@ fn copy_rows(x: &Bound<'_, PyAny>, name: &str) -> PyResult<(Vec<f32>, usize, usi
     Err(InputError::new_err(format!(
         "{name} must be a 2-D float32 or float64 numpy array"
     )))
+}
+
+/// The rows `rows` of a 2-D float32 or float64 array (a memory-mapped one, say), gathered into
+/// a row-major f32 batch (rows.len(), d), with the GIL held: Python owns the memory.
+fn gather_array_rows(x: &Bound<'_, PyAny>, rows: &[u32]) -> PyResult<(Vec<f32>, usize)> {
+    fn gather<T: numpy::Element + Copy>(
+        a: &numpy::PyReadonlyArray2<'_, T>,
+        rows: &[u32],
+        f: impl Fn(T) -> f32,
+    ) -> PyResult<(Vec<f32>, usize)> {
+        let view = a.as_array();
+        let (n, d) = view.dim();
+        let mut out = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            let r = r as usize;
+            if r >= n {
+                return Err(InputError::new_err(format!(
+                    "x has {n} rows, the epoch asks for row {r}"
+                )));
+            }
+            out.extend(view.row(r).iter().map(|&v| f(v)));
+        }
+        Ok((out, d))
+    }
+    if let Ok(a) = x.extract::<PyReadonlyArray2<'_, f32>>() {
+        return gather(&a, rows, |v| v);
+    }
+    if let Ok(a) = x.extract::<PyReadonlyArray2<'_, f64>>() {
+        return gather(&a, rows, |v| v as f32);
+    }
+    Err(InputError::new_err(
+        "x must be a fastvae Dataset or a 2-D float32 or float64 numpy array",
+    ))
+}
+
+/// The number of rows of a Dataset or a 2-D array.
+fn row_count(x: &Bound<'_, PyAny>) -> PyResult<usize> {
+    if let Ok(ds) = x.cast::<PyDataset>() {
+        return Ok(ds.get().inner.n);
+    }
+    let shape: Vec<usize> = x.getattr("shape")?.extract()?;
+    match shape.as_slice() {
+        [n, _] => Ok(*n),
+        _ => Err(InputError::new_err(format!(
+            "x must be 2-D, got shape {shape:?}"
+        ))),
+    }
 }
 
 type ArrayPair<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<f32>>);
@@ -106,9 +156,12 @@ impl PyDataset {
         name: &str,
         first_row: usize,
     ) -> PyResult<Self> {
-        let (data, n, d) = copy_rows(x, name)?;
+        let (data, n, d) = array_to_rows(x, name)?;
         let inner = py
-            .detach(|| Dataset::with_layout(data, n, d, sparse, name, first_row))
+            .detach(|| {
+                pool::shared().install(|| Dataset::with_layout(data, n, d, sparse, name, first_row))
+            })
+            .and_then(|r| r)
             .map_err(to_py)?;
         Ok(PyDataset { inner })
     }
@@ -309,65 +362,63 @@ impl PyModel {
         Ok(())
     }
 
+    /// Start the next epoch over `data`: a Dataset, or a 2-D array the core does not hold
+    /// (memory-mapped), whose batches `run` then gathers one at a time.
     fn begin_epoch(
         &self,
-        data: &Bound<'_, PyDataset>,
+        data: &Bound<'_, PyAny>,
         batch_size: usize,
         lr: f64,
         binarize: bool,
     ) -> PyResult<PyEpochRun> {
         let inner = self
             .inner
-            .begin_epoch(&data.get().inner, batch_size, lr, binarize)
+            .begin_epoch(row_count(data)?, batch_size, lr, binarize)
             .map_err(to_py)?;
         Ok(PyEpochRun { inner })
     }
 
-    /// Train on up to max_batches further batches of the epoch, without the GIL.
+    /// Train on up to max_batches further batches of the epoch, without the GIL. From a
+    /// Dataset the core gathers them; from an array, each batch is gathered with the GIL held
+    /// (Python owns that memory), checked, and trained on without it.
     fn run(
         &mut self,
         py: Python<'_>,
-        data: &Bound<'_, PyDataset>,
+        data: &Bound<'_, PyAny>,
         run: &mut PyEpochRun,
         max_batches: usize,
     ) -> PyResult<()> {
-        let data = &data.get().inner;
-        let model = &mut self.inner;
-        py.detach(|| model.run(data, &mut run.inner, max_batches))
-            .map_err(to_py)
-    }
-
-    /// The shuffled row order of the next epoch, uint32 (n,).
-    fn epoch_order<'py>(&self, py: Python<'py>, n: usize) -> Bound<'py, PyArray1<u32>> {
-        PyArray1::from_vec(py, self.inner.epoch_order(n))
-    }
-
-    /// One training step on a batch gathered by the caller; returns its loss sum.
-    fn train_batch(
-        &mut self,
-        py: Python<'_>,
-        batch: &Bound<'_, PyDataset>,
-        lr: f64,
-        binarize: bool,
-    ) -> PyResult<f64> {
-        let batch = &batch.get().inner;
-        let model = &mut self.inner;
-        py.detach(|| model.train_batch(batch, lr, binarize))
-            .map_err(to_py)
-    }
-
-    /// Count an epoch trained with train_batch.
-    fn finish_epoch(&mut self) {
-        self.inner.finish_epoch();
-    }
-
-    fn end_epoch(&mut self, run: &PyEpochRun) -> PyResult<f64> {
-        if !run.inner.done() {
-            return Err(ConfigError::new_err(
-                "end_epoch called before the epoch finished",
-            ));
+        if let Ok(ds) = data.cast::<PyDataset>() {
+            let data = &ds.get().inner;
+            let model = &mut self.inner;
+            return py
+                .detach(|| model.run(data, &mut run.inner, max_batches))
+                .map_err(to_py);
         }
-        Ok(self.inner.end_epoch(&run.inner))
+        for _ in 0..max_batches {
+            let rows = run.inner.next_rows();
+            if rows.is_empty() {
+                break;
+            }
+            let n = rows.len();
+            let (values, d) = gather_array_rows(data, rows)?;
+            let model = &mut self.inner;
+            let epoch = &mut run.inner;
+            py.detach(|| {
+                let name = "x (a gathered batch)";
+                let batch =
+                    model.install(|| Dataset::with_layout(values, n, d, None, name, 0))??;
+                model.run_gathered(&batch, epoch)
+            })
+            .map_err(to_py)?;
+            py.check_signals()?;
+        }
+        Ok(())
+    }
+
+    /// Count the finished epoch; its mean loss.
+    fn end_epoch(&mut self, run: &PyEpochRun) -> PyResult<f64> {
+        self.inner.end_epoch(&run.inner).map_err(to_py)
     }
 
     /// Per-example ELBO with one z sample each, noise keyed by seed; float64 (n,).
@@ -383,8 +434,8 @@ impl PyModel {
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let data = &data.get().inner;
         let mut out = vec![0.0f64; data.n];
-        // Slices of 16 chunks between checks for Ctrl-C.
-        let slice = 16 * EVAL_CHUNK;
+        // Slices between checks for Ctrl-C.
+        let slice = EVAL_PIECE_ROWS;
         for start in (0..data.n).step_by(slice) {
             let end = (start + slice).min(data.n);
             let model = &self.inner;
@@ -424,7 +475,7 @@ impl PyModel {
         x: &Bound<'py, PyDataset>,
         eps: &Bound<'py, PyAny>,
     ) -> PyResult<(f64, Bound<'py, PyDict>)> {
-        let (eps, _, _) = copy_rows(eps, "eps")?;
+        let (eps, _, _) = array_to_rows(eps, "eps")?;
         let x = &x.get().inner;
         let model = &self.inner;
         let (loss, grads) = py.detach(|| model.loss_and_grads(x, &eps)).map_err(to_py)?;
@@ -442,7 +493,7 @@ impl PyModel {
         eps: &Bound<'_, PyAny>,
         lr: f64,
     ) -> PyResult<f64> {
-        let (eps, _, _) = copy_rows(eps, "eps")?;
+        let (eps, _, _) = array_to_rows(eps, "eps")?;
         let x = &x.get().inner;
         let model = &mut self.inner;
         py.detach(|| model.step_with_noise(x, &eps, lr))
@@ -471,7 +522,7 @@ impl PyModel {
         py: Python<'py>,
         z: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let (z, n, zdim) = copy_rows(z, "z")?;
+        let (z, n, zdim) = array_to_rows(z, "z")?;
         let want = self.inner.vae.config.latent_dim;
         if zdim != want {
             return Err(InputError::new_err(format!(
@@ -538,9 +589,35 @@ impl PyModel {
 /// Number of logical cores, the default thread count.
 #[pyfunction]
 fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    pool::default_threads()
+}
+
+/// Whether matrix products run on AMX tiles in this process.
+#[pyfunction]
+fn amx_available() -> bool {
+    crate::amx::available()
+}
+
+/// A fixed Bernoulli draw of intensities x (n, d) in [0, 1]: 1.0 with probability x, else
+/// 0.0, keyed by (seed, row); float32 (n, d).
+#[pyfunction]
+#[pyo3(signature = (x, seed=0))]
+fn binarize<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    seed: u64,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (mut values, n, d) = array_to_rows(x, "x")?;
+    py.detach(|| {
+        pool::shared().install(|| {
+            dataset::check_values(&values, d.max(1), "x", 0)?;
+            dataset::binarize_fixed(&mut values, d, seed);
+            Ok(())
+        })
+    })
+    .and_then(|r| r)
+    .map_err(to_py)?;
+    rows_to_py(py, values, n, d)
 }
 
 #[pymodule]
@@ -548,13 +625,23 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("EVAL_CHUNK", EVAL_CHUNK)?;
-    m.add("MAX_PARAMS", crate::config::MAX_PARAMS)?;
-    m.add("MAX_LR", crate::train::MAX_LR)?;
-    m.add("MAX_WIDTH", crate::config::MAX_WIDTH)?;
+    m.add("EVAL_PIECE_ROWS", EVAL_PIECE_ROWS)?;
+    m.add("LOG_LIKELIHOOD_CALL_ROWS", LOG_LIKELIHOOD_CALL_ROWS)?;
+    m.add("MAX_PARAMS", config::MAX_PARAMS)?;
+    m.add("MAX_LR", config::MAX_LR)?;
+    m.add("MAX_WIDTH", config::MAX_WIDTH)?;
+    m.add("MAX_THREADS", config::MAX_THREADS)?;
+    m.add("MAX_K", config::MAX_K)?;
+    m.add("ACTIVATIONS", config::ACTIVATIONS.to_vec())?;
+    m.add("DEFAULT_EPOCHS", config::DEFAULT_EPOCHS)?;
+    m.add("DEFAULT_BATCH_SIZE", config::DEFAULT_BATCH_SIZE)?;
+    m.add("DEFAULT_LR", config::DEFAULT_LR)?;
     m.add_class::<PyModel>()?;
     m.add_class::<PyDataset>()?;
     m.add_class::<PyEpochRun>()?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(amx_available, m)?)?;
+    m.add_function(wrap_pyfunction!(binarize, m)?)?;
     m.add("FastVAEError", py.get_type::<FastVAEError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("InputError", py.get_type::<InputError>())?;

@@ -18,6 +18,7 @@ pub enum Purpose {
     Prior = 5,
     Binarize = 6,
     ImportanceNoise = 7,
+    FixedBinarize = 8,
 }
 
 /// SplitMix64 finalizer: a bijective mix, so distinct keys give unrelated seeds.

@@ -8,13 +8,23 @@ from numpy.typing import NDArray
 
 __all__ = [
     "__version__",
+    "ACTIVATIONS",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_EPOCHS",
+    "DEFAULT_LR",
     "EVAL_CHUNK",
+    "EVAL_PIECE_ROWS",
+    "LOG_LIKELIHOOD_CALL_ROWS",
+    "MAX_K",
     "MAX_PARAMS",
     "MAX_LR",
+    "MAX_THREADS",
     "MAX_WIDTH",
     "Model",
     "Dataset",
     "EpochRun",
+    "amx_available",
+    "binarize",
     "default_threads",
     "FastVAEError",
     "ConfigError",
@@ -24,9 +34,22 @@ __all__ = [
 ]
 
 __version__: str
+#: The activations' names.
+ACTIVATIONS: list[str]
+#: Training defaults (the canonical MNIST run).
+DEFAULT_EPOCHS: int
+DEFAULT_BATCH_SIZE: int
+DEFAULT_LR: float
+#: Rows per inference chunk (evaluation noise is keyed by chunk).
 EVAL_CHUNK: int
+#: Rows per call for the ELBO of a large array: a multiple of EVAL_CHUNK.
+EVAL_PIECE_ROWS: int
+#: Decoder rows (examples times k) per call for the importance-weighted estimate.
+LOG_LIKELIHOOD_CALL_ROWS: int
+MAX_K: int
 MAX_PARAMS: int
 MAX_LR: float
+MAX_THREADS: int
 MAX_WIDTH: int
 
 class FastVAEError(ValueError):
@@ -46,6 +69,13 @@ class CheckpointError(FastVAEError):
 
 def default_threads() -> int:
     """Number of logical cores, the default thread count."""
+
+def amx_available() -> bool:
+    """Whether matrix products run on AMX tiles in this process."""
+
+def binarize(x: NDArray[np.float32] | NDArray[np.float64], seed: int = 0) -> NDArray[np.float32]:
+    """A fixed Bernoulli draw of intensities x (n, d) in [0, 1]: 1.0 with probability x, else
+    0.0, keyed by (seed, row); float32 (n, d)."""
 
 @final
 class Dataset:
@@ -121,17 +151,25 @@ class Model:
         epoch: int,
     ) -> None: ...
     def begin_epoch(
-        self, data: Dataset, batch_size: int, lr: float, binarize: bool
-    ) -> EpochRun: ...
-    def run(self, data: Dataset, run: EpochRun, max_batches: int) -> None:
-        """Train on up to max_batches further batches of the epoch, without the GIL."""
-    def epoch_order(self, n: int) -> NDArray[np.uint32]:
-        """The shuffled row order of the next epoch, uint32 (n,)."""
-    def train_batch(self, batch: Dataset, lr: float, binarize: bool) -> float:
-        """One training step on a batch gathered by the caller; returns its loss sum."""
-    def finish_epoch(self) -> None:
-        """Count an epoch trained with train_batch."""
-    def end_epoch(self, run: EpochRun) -> float: ...
+        self,
+        data: Dataset | NDArray[np.float32] | NDArray[np.float64],
+        batch_size: int,
+        lr: float,
+        binarize: bool,
+    ) -> EpochRun:
+        """Start the next epoch over `data`: a Dataset, or a 2-D array the core does not hold
+        (memory-mapped), whose batches `run` then gathers one at a time."""
+    def run(
+        self,
+        data: Dataset | NDArray[np.float32] | NDArray[np.float64],
+        run: EpochRun,
+        max_batches: int,
+    ) -> None:
+        """Train on up to max_batches further batches of the epoch, without the GIL. From a
+        Dataset the core gathers them; from an array, each batch is gathered with the GIL held
+        (Python owns that memory), checked, and trained on without it."""
+    def end_epoch(self, run: EpochRun) -> float:
+        """Count the finished epoch; its mean loss."""
     def elbo(self, data: Dataset, seed: int, row_offset: int = 0) -> NDArray[np.float64]:
         """Per-example ELBO with one z sample each, noise keyed by seed; float64 (n,).
         `row_offset`: where `data` starts in a larger array evaluated in pieces (a multiple of

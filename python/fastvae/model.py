@@ -174,8 +174,9 @@ class VAE:
             for i, h in enumerate(self.hidden_dims)
         ]
         latent_dim = _positive_int("latent_dim", self.latent_dim, _MAX_WIDTH)
-        if self.activation not in ("relu", "tanh"):
-            raise ConfigError(f"activation must be 'relu' or 'tanh', got {self.activation!r}")
+        if self.activation not in _core.ACTIVATIONS:
+            names = " or ".join(repr(a) for a in _core.ACTIVATIONS)
+            raise ConfigError(f"activation must be {names}, got {self.activation!r}")
         seed = _seed("seed", self.seed)
         threads = self.threads
         if threads is None:
@@ -189,7 +190,7 @@ class VAE:
                     ) from None
             else:
                 threads = _core.default_threads()
-        threads = _positive_int("threads", threads, 1024)
+        threads = _positive_int("threads", threads, _core.MAX_THREADS)
         return input_dim, hidden, latent_dim, str(self.activation), seed, threads
 
     def _ensure_model(self) -> _core.Model:
@@ -227,9 +228,9 @@ class VAE:
         x: ArrayLike,
         y: Any = None,
         *,
-        epochs: int = 10,
-        batch_size: int = 128,
-        lr: float = 1e-3,
+        epochs: int = _core.DEFAULT_EPOCHS,
+        batch_size: int = _core.DEFAULT_BATCH_SIZE,
+        lr: float = _core.DEFAULT_LR,
         validation_data: Any = None,
         progress: bool = True,
         binarize: str | None = None,
@@ -310,14 +311,7 @@ class VAE:
 
         epoch = model.epoch + 1
         n = data.shape[0]
-        if isinstance(data, _MappedRows):
-            train_loss, seconds = self._fit_mapped_epoch(
-                model, data, batch_size, lr, progress, binarize
-            )
-        else:
-            train_loss, seconds = self._fit_core_epoch(
-                model, data, batch_size, lr, progress, binarize
-            )
+        train_loss, seconds = self._fit_core_epoch(model, data, batch_size, lr, progress, binarize)
         val_loss = None
         if val is not None:
             val_loss = float(-self._elbo_rows(model, val, self._EVAL_SEED).mean())
@@ -331,23 +325,25 @@ class VAE:
     def _fit_core_epoch(
         self,
         model: _core.Model,
-        data: _core.Dataset,
+        data: _core.Dataset | _MappedRows,
         batch_size: int,
         lr: float,
         progress: bool,
         binarize: bool,
     ) -> tuple[float, float]:
-        """An epoch over data in core memory, the core batching; (mean loss, seconds)."""
+        """One epoch, the core batching (a memory-mapped array is handed over as it is, and
+        the core gathers each batch from it); (mean loss, seconds)."""
         from .progress import progress_bar
 
-        run = model.begin_epoch(data, batch_size, lr, binarize)
+        source = data.arr if isinstance(data, _MappedRows) else data
+        run = model.begin_epoch(source, batch_size, lr, binarize)
         per_call = 1
         seconds = 0.0
         with progress_bar(run.total_batches, f"epoch {model.epoch + 1}", progress, "batch") as bar:
             while not run.done:
                 t0 = time.perf_counter()
                 before = run.batches_done
-                model.run(data, run, per_call)
+                model.run(source, run, per_call)
                 dt = time.perf_counter() - t0
                 seconds += dt
                 # Grow slices until a call lasts about _SLICE_SECONDS.
@@ -359,38 +355,6 @@ class VAE:
                     samples_s=f"{run.rows_done / max(seconds, 1e-9):,.0f}",
                 )
         return model.end_epoch(run), seconds
-
-    def _fit_mapped_epoch(
-        self,
-        model: _core.Model,
-        data: _MappedRows,
-        batch_size: int,
-        lr: float,
-        progress: bool,
-        binarize: bool,
-    ) -> tuple[float, float]:
-        """An epoch over a memory-mapped array, gathering each batch as it is needed, in the
-        order and with the noise the in-memory path uses; (mean loss, seconds)."""
-        from .progress import progress_bar
-
-        n = data.shape[0]
-        order = model.epoch_order(n)
-        loss_sum = 0.0
-        seconds = 0.0
-        batches = -(-n // batch_size)
-        with progress_bar(batches, f"epoch {model.epoch + 1}", progress, "batch") as bar:
-            for start in range(0, n, batch_size):
-                t0 = time.perf_counter()
-                batch = data.gather(order[start : start + batch_size])
-                loss_sum += model.train_batch(batch, lr, binarize)
-                seconds += time.perf_counter() - t0
-                bar.update(1)
-                done = min(n, start + batch_size)
-                bar.set_postfix(
-                    loss=f"{loss_sum / done:.2f}", samples_s=f"{done / max(seconds, 1e-9):,.0f}"
-                )
-        model.finish_epoch()
-        return loss_sum / n, seconds
 
     def _elbo_rows(
         self, model: _core.Model, data: _core.Dataset | _MappedRows, seed: int
@@ -468,12 +432,12 @@ class VAE:
         """
         from .progress import progress_bar
 
-        k = _positive_int("k", k, 2**24)
+        k = _positive_int("k", k, _core.MAX_K)
         seed = self._EVAL_SEED if seed is None else _seed("seed", seed)
         data = self._rows(x)
         n = data.shape[0]
-        # About 64K decoder rows per call: a fraction of a second between interrupt checks.
-        step = max(1, 65536 // k)
+        # A fraction of a second between interrupt checks.
+        step = max(1, _core.LOG_LIKELIHOOD_CALL_ROWS // k)
         out = np.empty(n, dtype=np.float64)
         with self._lock, progress_bar(n, f"log-likelihood (k={k})", progress, "image") as bar:
             model = self._fitted()
@@ -548,7 +512,7 @@ class _MappedRows:
 
     # Rows per piece: a multiple of the core's evaluation chunk, so pieces draw the noise the
     # whole array would.
-    PIECE_ROWS = 16 * _core.EVAL_CHUNK
+    PIECE_ROWS = _core.EVAL_PIECE_ROWS
 
     def __init__(self, arr: NDArray[np.floating], name: str) -> None:
         self.arr = arr
@@ -565,6 +529,3 @@ class _MappedRows:
     def pieces(self) -> Iterator[tuple[int, _core.Dataset]]:
         for start in range(0, self.shape[0], self.PIECE_ROWS):
             yield start, self.read(start, start + self.PIECE_ROWS)
-
-    def gather(self, rows: NDArray[np.uint32]) -> _core.Dataset:
-        return _core.Dataset(np.ascontiguousarray(self.arr[rows]), name=self.name)

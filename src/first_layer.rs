@@ -1,10 +1,12 @@
-//! The first encoder layer, exploiting zero inputs exactly. About 80% of MNIST's pixels are 0,
+//! The first encoder layer, forward and backward: the one layer whose input is the data, so the
+//! only one that needs no input gradient and the only one that can exploit zero inputs
+//! exactly. About 80% of MNIST's pixels are 0,
 //! so both products with the input x (B, I) need only its nonzeros: the forward pass
 //! h = x wt + bias adds x[b, i] * wt[i, :] to row b of h for each nonzero, and the weight
 //! gradient dwt = x^T dh sums x[b, i] * dh[b, :] into row i of dwt. The weight is stored
 //! transposed, wt (I, O), so both work on contiguous rows.
 //!
-//! Each batch's nonzeros are indexed once (`BatchColumns`), by row and by column, from the
+//! Each batch's nonzeros are indexed once (`BatchNonzeros`), by row and by column, from the
 //! gathered batch while it is in cache; a per-data-set index would be read from memory a
 //! second time per batch, beside the dense rows the loss needs. The forward pass runs by
 //! row, summing a block of outputs in registers while the weight rows stream from L2. The
@@ -14,12 +16,14 @@
 //! gradient buffer written or read.
 //!
 //! Sums run in a different order than the dense products, so results agree with them to
-//! float rounding.
+//! float rounding. Dense data (more than `MAX_DENSITY` nonzeros) take the dense products, with
+//! the same weight layout.
 // Layer functions take their dims explicitly, as llm.c's do.
 #![allow(clippy::too_many_arguments)]
 
 use crate::config::Activation;
-use crate::layers::{bias_activation, for_rows, matmul_on, product_threads, Layout};
+use crate::layers::{bias_activation, for_rows};
+use crate::matmul::{matmul, matmul_on, product_threads, Op};
 use crate::optim::{adam_chunk_generic, AdamKernel};
 use crate::simd::{dispatch, fmadd};
 use rayon::prelude::*;
@@ -107,7 +111,8 @@ fn compress_row(row: &[f32], idx: &mut [u32], val: &mut [f32], k: usize) -> usiz
     assert!(idx.len().min(val.len()) >= k + row.len() + SPARE);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, and the assert above bounds every store.
+        // SAFETY: the CPU has AVX-512F (just checked), and the assert above gives idx and val
+        // the room past k that the function's stores need.
         return unsafe { compress_row_avx512(row, idx, val, k) };
     }
     compress_row_scalar(row, 0, idx, val, k)
@@ -132,6 +137,10 @@ fn compress_row_scalar(
 
 /// 16 values at a time: the nonzeros and their columns are packed to the front of a register
 /// (vcompressps) and the whole register stored, so up to 16 places past the end are written.
+///
+/// # Safety
+/// The CPU must have AVX-512F, and idx and val must each hold at least k + row.len() + SPARE
+/// elements: every full register is stored at place k' <= k + (values read so far), 16 wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn compress_row_avx512(
@@ -166,13 +175,13 @@ unsafe fn compress_row_avx512(
 /// built in parallel). Kept in the workspace and refilled for every batch, so its buffers are
 /// allocated once.
 #[derive(Debug, Default)]
-pub struct BatchColumns {
+pub struct BatchNonzeros {
     parts: Vec<ColumnPart>,
     /// Whether the parts hold the current batch (else the first layer runs dense).
     indexed: bool,
 }
 
-impl BatchColumns {
+impl BatchNonzeros {
     /// Index the nonzeros of the batch x (n, d).
     pub fn build(&mut self, x: &[f32], n: usize, d: usize) {
         let parts = rayon::current_num_threads()
@@ -305,10 +314,10 @@ fn activate(row: &mut [f32], act: Activation) {
 
 /// out (B, O) = act(x wt + bias) for the first layer, wt (I, O): from the batch's nonzeros
 /// when `cols` indexes them, else as a dense product of x (B, I).
-pub fn first_layer_forward(
+pub fn forward(
     out: &mut [f32],
     x: &[f32],
-    cols: Option<&BatchColumns>,
+    cols: Option<&BatchNonzeros>,
     wt: &[f32],
     bias: &[f32],
     b: usize,
@@ -330,18 +339,7 @@ pub fn first_layer_forward(
                 bias_activation(row, &bias[c0..c0 + row.len()], Some(act))
             };
             let parts = product_threads(b, i, o);
-            matmul_on(
-                parts,
-                out,
-                x,
-                Layout::Normal,
-                wt,
-                Layout::Normal,
-                b,
-                i,
-                o,
-                Some(&epi),
-            );
+            matmul_on(parts, out, x, Op::Plain, wt, Op::Plain, b, i, o, Some(&epi));
         }
     }
 }
@@ -404,7 +402,7 @@ impl GradSink<'_> {
 #[inline(always)]
 fn weight_grad_generic<const FMA: bool>(
     sink: &mut GradSink<'_>,
-    cols: &BatchColumns,
+    cols: &BatchNonzeros,
     dh: &[f32],
     o: usize,
     rows: Range<usize>,
@@ -466,13 +464,13 @@ fn weight_grad_generic<const FMA: bool>(
     }
 }
 
-dispatch!(fn weight_grad(sink: &mut GradSink<'_>, cols: &BatchColumns, dh: &[f32], o: usize, rows: Range<usize>) -> () = weight_grad_generic::<true>, weight_grad_generic::<false>);
+dispatch!(fn weight_grad(sink: &mut GradSink<'_>, cols: &BatchNonzeros, dh: &[f32], o: usize, rows: Range<usize>) -> () = weight_grad_generic::<true>, weight_grad_generic::<false>);
 
 /// The input columns in `rows` on `threads` threads, split where the work (nonzeros plus the
 /// sink's per-row cost) halves.
 fn weight_grad_split(
     mut sink: GradSink<'_>,
-    cols: &BatchColumns,
+    cols: &BatchNonzeros,
     dh: &[f32],
     o: usize,
     rows: Range<usize>,
@@ -497,11 +495,11 @@ fn weight_grad_split(
     );
 }
 
-/// The first layer's weight gradient dwt (I, O) = x^T dh from the batch's nonzeros, dh (B, O),
-/// into `sink` (whose slices span all I rows).
-pub fn first_layer_weight_grad(
+/// The first layer's weight gradient dwt (I, O) = x^T dh from the batch's nonzeros, dh (B, O)
+/// the gradient of its pre-activation, into `sink` (whose slices span all I rows).
+pub fn sparse_weight_backward(
     sink: GradSink<'_>,
-    cols: &BatchColumns,
+    cols: &BatchNonzeros,
     dh: &[f32],
     i: usize,
     o: usize,
@@ -509,10 +507,27 @@ pub fn first_layer_weight_grad(
     weight_grad_split(sink, cols, dh, o, 0..i, rayon::current_num_threads());
 }
 
+/// dwt (I, O) = x^T dh for x (B, I) and dh (B, O): from the batch's nonzeros when `cols`
+/// indexes them, else as a dense product. (The bias gradient is `layers::bias_backward`, as
+/// for every layer; the input gradient is never needed.)
+pub fn weight_backward(
+    dwt: &mut [f32],
+    x: &[f32],
+    cols: Option<&BatchNonzeros>,
+    dh: &[f32],
+    b: usize,
+    i: usize,
+    o: usize,
+) {
+    match cols {
+        Some(cols) => sparse_weight_backward(GradSink::Store(dwt), cols, dh, i, o),
+        None => matmul(dwt, x, Op::Transposed, dh, Op::Plain, i, b, o),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::matmul;
     use crate::optim::{adam_update, AdamConfig};
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -550,21 +565,20 @@ mod tests {
                     .build()
                     .unwrap();
                 pool.install(|| {
-                    let mut cols = BatchColumns::default();
+                    let mut cols = BatchNonzeros::default();
                     cols.build(&xb, n, i);
                     let cols = cols.get();
                     let what = format!("({n}, {i}, {o}) on {threads} threads");
                     let (mut a, mut b) = (vec![0.0; n * o], vec![0.0; n * o]);
                     let act = Activation::Tanh;
-                    first_layer_forward(&mut a, &xb, cols, &wt, &bias, n, i, o, act);
-                    first_layer_forward(&mut b, &xb, None, &wt, &bias, n, i, o, act);
+                    forward(&mut a, &xb, cols, &wt, &bias, n, i, o, act);
+                    forward(&mut b, &xb, None, &wt, &bias, n, i, o, act);
                     assert!(max_diff(&a, &b) < 1e-5, "forward {what}");
 
                     let (mut ga, mut gb) = (vec![f32::NAN; i * o], vec![0.0; i * o]);
                     let cols = cols.expect("indexed");
-                    first_layer_weight_grad(GradSink::Store(&mut ga), cols, &dh, i, o);
-                    let (lhs, rhs) = (Layout::Transposed, Layout::Normal);
-                    matmul(&mut gb, &xb, lhs, &dh, rhs, i, n, o);
+                    sparse_weight_backward(GradSink::Store(&mut ga), cols, &dh, i, o);
+                    weight_backward(&mut gb, &xb, None, &dh, n, i, o);
                     assert!(max_diff(&ga, &gb) < 1e-4, "weight gradient {what}");
                     assert!(ga[3 * o..4 * o].iter().all(|&g| g == 0.0));
 
@@ -580,7 +594,7 @@ mod tests {
                             v: &mut va,
                             kernel,
                         };
-                        first_layer_weight_grad(sink, cols, &dh, i, o);
+                        sparse_weight_backward(sink, cols, &dh, i, o);
                         adam_update(&mut pb, &gb, &mut mb, &mut vb, kernel);
                     }
                     assert!(max_diff(&pa, &pb) < 1e-6, "Adam weights {what}");

@@ -1,0 +1,236 @@
+//! Data sets in core memory: rows of D values in [0, 1], checked once when they arrive, held
+//! as 8-bit levels when every value is one (a quarter of the memory), and gathered into
+//! batches. Also the fixed binarization of a data set.
+
+use crate::error::{Result, VaeError};
+use crate::first_layer::MAX_DENSITY;
+use crate::rng::{binarize as binarize_row, stream, Purpose};
+use crate::simd::{dispatch, LANES};
+use rayon::prelude::*;
+
+/// Rows of D values in [0, 1], owned by the core so work on them can run without the caller.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// (n, d) row-major.
+    values: Values,
+    pub n: usize,
+    pub d: usize,
+    /// Whether the first layer skips zero inputs (decided by density unless forced).
+    pub sparse: bool,
+}
+
+impl Dataset {
+    /// Checks every value is finite and in [0, 1]; the error names the first bad entry. The
+    /// sparse first layer is used when the data are sparse enough.
+    pub fn new(data: Vec<f32>, n: usize, d: usize) -> Result<Self> {
+        Self::with_layout(data, n, d, None, "x", 0)
+    }
+
+    /// As `new`, with the first layer's path chosen: `Some(true)` sparse, `Some(false)` dense,
+    /// `None` by density. Both give the same results up to float rounding.
+    /// `name` is the argument's name in error messages, and `first_row` the index of the
+    /// first row there (for a piece of a larger array).
+    pub fn with_layout(
+        data: Vec<f32>,
+        n: usize,
+        d: usize,
+        sparse: Option<bool>,
+        name: &str,
+        first_row: usize,
+    ) -> Result<Self> {
+        if n == 0 || d == 0 {
+            return Err(VaeError::Input(format!(
+                "{name} is empty: got shape ({n}, {d}), need at least one row and one column"
+            )));
+        }
+        if data.len() != n * d {
+            return Err(VaeError::Input(format!(
+                "data length {} does not match shape ({n}, {d})",
+                data.len()
+            )));
+        }
+        check_values(&data, d, name, first_row)?;
+        let sparse = sparse.unwrap_or_else(|| {
+            let nnz: usize = data.par_iter().filter(|&&v| v != 0.0).count();
+            nnz as f64 <= MAX_DENSITY * data.len() as f64
+        });
+        let values = match Values::levels(&data) {
+            Some(levels) => Values::Levels(levels),
+            None => Values::F32(data),
+        };
+        Ok(Dataset {
+            values,
+            n,
+            d,
+            sparse,
+        })
+    }
+
+    /// dst (count, d) = rows [first, first + count), as float32.
+    pub fn read_rows(&self, dst: &mut [f32], first: usize, count: usize) {
+        let span = first * self.d..(first + count) * self.d;
+        match &self.values {
+            Values::F32(v) => dst.copy_from_slice(&v[span]),
+            Values::Levels(k) => from_levels(dst, &k[span]),
+        }
+    }
+
+    /// Whether the values are held as 8-bit levels.
+    pub fn is_levels(&self) -> bool {
+        matches!(self.values, Values::Levels(_))
+    }
+}
+
+/// Checks every value of the rows `data` (n, d) is finite and in [0, 1]; the error names the
+/// first bad entry, as `name[row, column]` with rows counted from `first_row`.
+pub fn check_values(data: &[f32], d: usize, name: &str, first_row: usize) -> Result<()> {
+    // A vectorized pass per chunk; the slow search for the position only on failure.
+    let bad = data
+        .par_chunks(1 << 16)
+        .position_first(|c| !unit_interval(c))
+        .and_then(|c| {
+            let base = c << 16;
+            data[base..(base + (1 << 16)).min(data.len())]
+                .iter()
+                .position(|v| !(*v >= 0.0 && *v <= 1.0))
+                .map(|i| base + i)
+        });
+    if let Some(i) = bad {
+        let v = data[i];
+        let what = if v.is_nan() {
+            "NaN".to_string()
+        } else if v.is_infinite() {
+            format!("{v}")
+        } else {
+            format!("{v}, outside [0, 1]")
+        };
+        return Err(VaeError::Input(format!(
+            "{name}[{}, {}] is {what}; inputs must be finite intensities in [0, 1]",
+            first_row + i / d,
+            i % d
+        )));
+    }
+    Ok(())
+}
+
+/// How a data set's values are held.
+#[derive(Debug, Clone)]
+enum Values {
+    F32(Vec<f32>),
+    /// Every value is exactly k / 255 for a byte k (8-bit images scaled to [0, 1] as
+    /// `load_mnist` scales them), so the bytes are kept: a quarter of the memory, and a
+    /// quarter of the bytes a batch gathers from random rows.
+    Levels(Vec<u8>),
+}
+
+impl Values {
+    /// The values as bytes k with k / 255 == value bit for bit, if they all are.
+    fn levels(data: &[f32]) -> Option<Vec<u8>> {
+        let mut out = vec![0u8; data.len()];
+        let exact = out
+            .par_chunks_mut(1 << 16)
+            .zip(data.par_chunks(1 << 16))
+            .all(|(k, v)| to_levels(k, v));
+        exact.then_some(out)
+    }
+}
+
+/// k = round(v * 255) for each value; true when every k / 255 gives v back bit for bit.
+#[inline(always)]
+fn to_levels_generic(k: &mut [u8], v: &[f32]) -> bool {
+    let mut ok = true;
+    for (k, &v) in k.iter_mut().zip(v) {
+        let level = (v * 255.0).round().clamp(0.0, 255.0) as u8;
+        ok &= (level as f32 / 255.0).to_bits() == v.to_bits();
+        *k = level;
+    }
+    ok
+}
+
+dispatch!(fn to_levels(k: &mut [u8], v: &[f32]) -> bool = to_levels_generic);
+
+/// dst = k / 255 for each byte k, rounded as float32 division rounds (as numpy's).
+#[inline(always)]
+fn from_levels_generic(dst: &mut [f32], k: &[u8]) {
+    for (d, &k) in dst.iter_mut().zip(k) {
+        *d = k as f32 / 255.0;
+    }
+}
+
+dispatch!(fn from_levels(dst: &mut [f32], k: &[u8]) -> () = from_levels_generic);
+
+/// True when every value is in [0, 1] (false for NaN).
+#[inline(always)]
+fn unit_interval_generic(values: &[f32]) -> bool {
+    let mut ok = [true; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for c in &mut chunks {
+        for k in 0..LANES {
+            ok[k] &= c[k] >= 0.0 && c[k] <= 1.0;
+        }
+    }
+    ok.iter().all(|&o| o) && chunks.remainder().iter().all(|v| *v >= 0.0 && *v <= 1.0)
+}
+
+dispatch!(fn unit_interval(values: &[f32]) -> bool = unit_interval_generic);
+
+/// x (B, D) = the data rows named by `rows`, in one contiguous piece per thread: the same
+/// pieces the first layer's index is built from next (`BatchNonzeros::build`), so each thread
+/// tends to find its rows in its own cache.
+pub fn gather(x: &mut [f32], data: &Dataset, rows: &[u32]) {
+    let d = data.d;
+    let per_thread = rows.len().div_ceil(rayon::current_num_threads()).max(1);
+    x.par_chunks_mut(d * per_thread)
+        .zip(rows.par_chunks(per_thread))
+        .for_each(|(dst, idx)| {
+            for (row, &i) in dst.chunks_exact_mut(d).zip(idx) {
+                data.read_rows(row, i as usize, 1);
+            }
+        });
+}
+
+/// x (n, d) with each value p in (0, 1) replaced by a Bernoulli(p) draw, 0 or 1, keyed by
+/// (seed, row): the fixed binarization that models trained with dynamic binarization are
+/// scored on, the same whatever the thread count.
+pub fn binarize_fixed(x: &mut [f32], d: usize, seed: u64) {
+    x.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| {
+        binarize_row(&mut stream(seed, Purpose::FixedBinarize, r as u64), row)
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_hold_8_bit_images_exactly() {
+        // Every byte scaled as numpy scales it, in an odd-sized data set: kept as bytes, and
+        // given back bit for bit.
+        let (n, d) = (3, 173);
+        let data: Vec<f32> = (0..n * d).map(|i| (i % 256) as u8 as f32 / 255.0).collect();
+        let set = Dataset::new(data.clone(), n, d).unwrap();
+        assert!(set.is_levels());
+        let mut back = vec![f32::NAN; n * d];
+        set.read_rows(&mut back, 0, n);
+        assert!(back
+            .iter()
+            .zip(&data)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let mut row = vec![f32::NAN; d];
+        set.read_rows(&mut row, 2, 1);
+        assert_eq!(row, data[2 * d..]);
+
+        // One value a hair off a level (or -0.0, whose sign a byte would lose): kept as given.
+        for odd in [f32::from_bits((7.0f32 / 255.0).to_bits() + 1), -0.0] {
+            let mut data = data.clone();
+            data[100] = odd;
+            let set = Dataset::new(data.clone(), n, d).unwrap();
+            assert!(!set.is_levels());
+            set.read_rows(&mut back, 0, n);
+            assert!(back
+                .iter()
+                .zip(&data)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Thread pools: each model's own, and one shared by work that has no model (checking a data
+//! set's values); flush-to-zero in their threads; keeping workers awake during a step; and
+//! surviving `fork`.
+//!
+//! A forked child has the parent's memory but only the forking thread, so a rayon pool made
+//! before the fork has no workers in the child and the first job sent to it would wait
+//! forever. `Pool` remembers the process that built it and builds a fresh pool on first use in
+//! any other process (the old one is forgotten, not dropped: its threads and locks are the
+//! parent's). fastvae never uses rayon's global pool, which cannot be rebuilt.
+
+use crate::config::MAX_THREADS;
+use crate::error::{Result, VaeError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// A rayon pool of a fixed number of threads, rebuilt after a fork.
+pub struct Pool {
+    threads: usize,
+    /// The pool and the id of the process it was built in.
+    inner: Mutex<(u32, Arc<rayon::ThreadPool>)>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+impl Pool {
+    /// A pool of `threads` workers (1 to MAX_THREADS).
+    pub fn new(threads: usize) -> Result<Self> {
+        let pool = build(threads)?;
+        Ok(Pool {
+            threads,
+            inner: Mutex::new((std::process::id(), Arc::new(pool))),
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The pool for this process: the one built here, or a new one after a fork.
+    pub fn get(&self) -> Result<Arc<rayon::ThreadPool>> {
+        // A poisoned lock only means a panic elsewhere while it was held; the pair is whole.
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = std::process::id();
+        if inner.0 != pid {
+            let fresh = Arc::new(build(self.threads)?);
+            // The parent's pool: its workers do not exist here, so dropping it (which signals
+            // them and may wait on their locks) is not safe. Its memory is the parent's copy.
+            std::mem::forget(std::mem::replace(&mut inner.1, fresh));
+            inner.0 = pid;
+        }
+        Ok(inner.1.clone())
+    }
+
+    /// Run `f` on this process's pool.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        Ok(self.get()?.install(f))
+    }
+}
+
+/// The pool for work without a model (checking and converting a data set), one thread per core.
+pub fn shared() -> &'static Pool {
+    static SHARED: OnceLock<Pool> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let threads = default_threads().min(MAX_THREADS);
+        Pool::new(threads).expect("a pool of one thread per core can always start")
+    })
+}
+
+/// The number of logical cores, the default thread count.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Build a pool of `threads` workers that flush subnormal floats to zero: subnormals appear as
+/// weights and gradients shrink and slow every kernel by about a fifth; flushing them changes
+/// results only below float rounding of any value that matters.
+pub fn build(threads: usize) -> Result<rayon::ThreadPool> {
+    if threads == 0 || threads > MAX_THREADS {
+        return Err(VaeError::Config(format!(
+            "threads must be between 1 and {MAX_THREADS}, got {threads}"
+        )));
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("fastvae-{i}"))
+        .start_handler(|_| flush_denormals())
+        .build()
+        .map_err(|e| VaeError::Config(format!("cannot start {threads} threads: {e}")))
+}
+
+/// Run `f` on the current pool while its other workers poll for work instead of sleeping.
+///
+/// A step alternates short parallel regions with short serial stretches; a worker that fell
+/// asleep in a serial stretch takes 30-80 us to wake for the next region (measured here), more
+/// than many regions last. So for the duration of `f` each other worker runs a job that keeps
+/// taking pending work with `rayon::yield_now` until `f` is done. A poller that starts on `f`'s
+/// own thread (it can be popped there while `f` waits on a stolen job) returns at once, so
+/// nothing ever waits on itself.
+pub fn keep_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let done = AtomicBool::new(false);
+    let owner = rayon::current_thread_index();
+    rayon::scope(|s| {
+        for _ in 1..rayon::current_num_threads() {
+            s.spawn(|_| {
+                if rayon::current_thread_index() == owner {
+                    return;
+                }
+                while !done.load(Ordering::Acquire) {
+                    if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+        let result = f();
+        done.store(true, Ordering::Release);
+        result
+    })
+}
+
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+fn flush_denormals() {
+    // MXCSR bit 15 flush-to-zero, bit 6 denormals-are-zero.
+    // SAFETY: stmxcsr and ldmxcsr only read and write the MXCSR register and the 4-byte local
+    // they are given; the bits set change how this thread rounds subnormals, nothing else.
+    unsafe {
+        let mut csr: u32 = 0;
+        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
+        csr |= (1 << 15) | (1 << 6);
+        std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly));
+    }
+}
+
+#[cfg(any(not(target_arch = "x86_64"), miri))]
+fn flush_denormals() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_thread_counts() {
+        assert!(Pool::new(0).is_err());
+        assert!(Pool::new(MAX_THREADS + 1).is_err());
+        let pool = Pool::new(2).unwrap();
+        assert_eq!(pool.install(rayon::current_num_threads).unwrap(), 2);
+    }
+
+    #[cfg(all(unix, not(miri)))]
+    #[test]
+    fn works_in_a_forked_child() {
+        // Used before the fork, then in the child: the child's first install builds a new pool
+        // instead of waiting on workers that do not exist there.
+        let pool = Pool::new(2).unwrap();
+        let sum = |pool: &Pool| {
+            use rayon::prelude::*;
+            pool.install(|| (0..1000u64).into_par_iter().sum::<u64>())
+                .unwrap()
+        };
+        assert_eq!(sum(&pool), 499_500);
+        // SAFETY: fork itself has no preconditions; the child only runs the pool (glibc's
+        // malloc is fork-safe) and then leaves with _exit, touching nothing else the other
+        // test threads might have held.
+        let child = unsafe { libc_fork() };
+        if child == 0 {
+            let ok = sum(&pool) == 499_500;
+            // SAFETY: ends the child at once, without running the parent's exit handlers.
+            unsafe { libc_exit(if ok { 0 } else { 1 }) };
+        }
+        assert!(child > 0, "fork failed");
+        // Wait up to a minute, so a child that hangs fails the test instead of hanging it.
+        let mut status = 0i32;
+        for _ in 0..600 {
+            // SAFETY: polls (WNOHANG) the child just forked, writing its status into a local.
+            let waited = unsafe { libc_waitpid(child, &mut status, 1) };
+            if waited == child {
+                assert_eq!(status, 0, "the child's pool did not work (status {status})");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        // SAFETY: kills the child this test forked.
+        unsafe { libc_kill(child, 9) };
+        panic!("the forked child did not finish within a minute: its pool hangs");
+    }
+
+    #[cfg(all(unix, not(miri)))]
+    extern "C" {
+        #[link_name = "fork"]
+        fn libc_fork() -> i32;
+        #[link_name = "_exit"]
+        fn libc_exit(code: i32) -> !;
+        #[link_name = "waitpid"]
+        fn libc_waitpid(pid: i32, status: *mut i32, options: i32) -> i32;
+        #[link_name = "kill"]
+        fn libc_kill(pid: i32, signal: i32) -> i32;
+    }
+}
