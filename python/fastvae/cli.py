@@ -329,7 +329,7 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             threads=args.threads,
         )
-    done = vae.model_.epoch if hasattr(vae, "model_") else 0
+    done = getattr(vae, "epochs_trained_", 0)
     for epoch in range(done + 1, args.epochs + 1):
         t0 = time.perf_counter()
         vae.fit(
@@ -350,7 +350,7 @@ def _train(args: argparse.Namespace) -> int:
             f"({time.perf_counter() - t0:.1f} s)",
             flush=True,
         )
-    if not hasattr(vae, "model_"):
+    if not hasattr(vae, "epochs_trained_"):
         raise FastVAEError("nothing to do: --epochs is not above the epochs already trained")
 
     names = images.write_pictures(vae, x_test, y_test, out, seed=args.seed)
@@ -421,8 +421,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     arch = "-".join(str(d) for d in (vae.input_dim, *vae.hidden_dims, vae.latent_dim))
-    epochs = vae.model_.epoch
-    print(f"model     {args.model}: {arch} {vae.activation}, {epochs} epochs trained")
+    print(f"model     {args.model}: {arch} {vae.activation}, {vae.epochs_trained_} epochs trained")
     data = "fixed binarization" if args.binarize == "fixed" else "grayscale"
     print(f"data      MNIST test set, {len(x):,} images ({data})")
     print(

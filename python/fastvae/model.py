@@ -206,6 +206,18 @@ class VAE:
             raise ConfigError("this VAE has no weights yet: call fit() or VAE.load() first")
         return self.model_
 
+    @property
+    def epochs_trained_(self) -> int:
+        """Training epochs the model has completed, counting those before it was saved.
+
+        Raises AttributeError while there are no weights, as scikit-learn's fitted attributes
+        do, so ``hasattr(vae, "epochs_trained_")`` tells a fitted model from an unfitted one.
+        """
+        with self._lock:
+            if not hasattr(self, "model_"):
+                raise AttributeError("this VAE has no weights yet: call fit() or VAE.load() first")
+            return self.model_.epoch
+
     def _dataset(self, x: Any, name: str = "x") -> _core.Dataset:
         input_dim = _positive_int("input_dim", self.input_dim, _MAX_WIDTH)
         arr = _float_rows(x, name, input_dim, "intensities in [0, 1]")
