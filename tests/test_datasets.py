@@ -1,4 +1,5 @@
-"""Tests for fastvae.datasets: IDX parsing, MNIST loading, checksums and downloads.
+"""Tests for fastvae.datasets: IDX parsing (idx.py), MNIST loading, checksums and
+downloads (mnist.py).
 
 The real MNIST files are taken from ``$FASTVAE_DATA`` or, by default, from
 ``<repo>/../shared/data/mnist``; tests needing them are skipped if absent.
@@ -24,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastvae import datasets
-from fastvae.datasets import load_idx_dataset, load_mnist, read_idx
+from fastvae.datasets import idx, load_idx_dataset, load_mnist, read_idx
+from fastvae.datasets import mnist as mnist_module
 from fastvae.errors import DataError
 
 REAL_DIR = Path(
@@ -192,10 +193,10 @@ def test_hard_coded_checksums_match_sha256sums_file() -> None:
         if line.strip():
             digest, name = line.split()
             listed[name.lstrip("*")] = digest
-    assert {name: sha for name, (sha, _size) in datasets._MNIST_FILES.items()} == listed
+    assert {name: sha for name, (sha, _size) in mnist_module._MNIST_FILES.items()} == listed
     for name in FILE_NAMES:
         data = real_raw(name)
-        assert len(data) == datasets._MNIST_FILES[name][1]
+        assert len(data) == mnist_module._MNIST_FILES[name][1]
         assert hashlib.sha256(data).hexdigest() == listed[name]
 
 
@@ -246,7 +247,7 @@ def test_checksum_mismatch(tmp_path: Path, compress: bool) -> None:
         load_mnist("test", root=tmp_path, download=False)
     message = str(info.value)
     assert str(target) in message
-    assert datasets._MNIST_FILES[TEST_LABELS][0] in message
+    assert mnist_module._MNIST_FILES[TEST_LABELS][0] in message
     assert actual in message
     assert "verify=False" in message
 
@@ -439,7 +440,7 @@ def test_fuzz_parse_buffer_only_raises_data_error(data: bytes) -> None:
     if data[:2] == b"\x1f\x8b":
         return
     try:
-        result = datasets._parse_buffer(bytearray(data), "fuzz")
+        result = idx.parse_buffer(bytearray(data), "fuzz")
     except DataError:
         return
     _check_fuzz_result(result)
@@ -480,7 +481,7 @@ def fake_pair(n: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def write_fake_split(root: Path, split: str, n: int = 5, compress: bool = True) -> tuple:
     images, labels = fake_pair(n)
-    img_name, lbl_name = datasets._SPLITS[split]
+    img_name, lbl_name = mnist_module._SPLITS[split]
     suffix = ".gz" if compress else ""
     write(root / f"{img_name}{suffix}", idx_bytes(images), compress)
     write(root / f"{lbl_name}{suffix}", idx_bytes(labels), compress)
@@ -769,7 +770,7 @@ def test_download_tiny_fakes_with_patched_checksums(
     img_raw, lbl_raw = idx_bytes(images), idx_bytes(labels)
     for name, raw in ((TEST_IMAGES, img_raw), (TEST_LABELS, lbl_raw)):
         monkeypatch.setitem(
-            datasets._MNIST_FILES, name, (hashlib.sha256(raw).hexdigest(), len(raw))
+            mnist_module._MNIST_FILES, name, (hashlib.sha256(raw).hexdigest(), len(raw))
         )
     bad_lbl = bytearray(lbl_raw)
     bad_lbl[-1] ^= 1
