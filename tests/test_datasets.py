@@ -82,7 +82,8 @@ def real_raw(name: str) -> bytes:
 
 
 def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
+    """Temporary files in directory: downloads are written to hidden ".NAME.XXXX.tmp" files."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
 @pytest.fixture(autouse=True)

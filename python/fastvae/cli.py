@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import __version__
+from ._files import atomic_write
 from .errors import DataError, FastVAEError
 
 if TYPE_CHECKING:
@@ -251,12 +252,7 @@ MANIFOLD = "manifold.png"
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _metrics_lines(history: dict[str, list[Any]]) -> str:

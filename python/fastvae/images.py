@@ -9,7 +9,6 @@ half-written picture.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from statistics import NormalDist
@@ -18,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from PIL import Image
+
+from ._files import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -82,33 +83,15 @@ def grid_shape(n: int) -> tuple[int, int]:
     return -(-n // cols), cols
 
 
-def _atomic(path: str | os.PathLike[str], write: Any) -> None:
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
-    # os.open honours the umask, so the picture gets the usual permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_png(img: Image.Image, path: str | os.PathLike[str]) -> None:
     """Write a Pillow image as PNG, atomically."""
-    _atomic(path, lambda f: img.save(f, format="PNG"))
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
     """Write a matplotlib figure as PNG, atomically; a pyplot figure is closed afterwards."""
     try:
-        _atomic(path, lambda f: fig.savefig(f, format="png", dpi=_DPI, bbox_inches="tight"))
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI, bbox_inches="tight"))
     finally:
         if getattr(fig.canvas, "manager", None) is not None:  # made by pyplot
             import matplotlib.pyplot as plt

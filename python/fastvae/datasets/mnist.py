@@ -19,17 +19,18 @@ override them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import logging
 import os
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
+from .._files import atomic_write
 from ..errors import DataError, InputError
 from .idx import (
     CHUNK,
@@ -163,36 +164,52 @@ def _load_file(path: Path, name: str, verify: bool, label: str) -> np.ndarray:
     return parse_buffer(data, label)
 
 
-def _fetch(url: str, out: BinaryIO) -> None:
-    """Stream ``url`` into ``out``; raise on short or oversized bodies."""
-    request = urllib.request.Request(url, headers={"User-Agent": "fastvae"})
-    with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT) as response:
-        length_header = response.headers.get("Content-Length")
-        length = int(length_header) if length_header else None
-        if length is not None and length > _MAX_DOWNLOAD_BYTES:
-            raise DataError(f"{url}: refusing to download {length} bytes")
-        total = 0
-        while True:
-            chunk = response.read(CHUNK)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > _MAX_DOWNLOAD_BYTES:
-                raise DataError(
-                    f"{url}: refusing to download more than {_MAX_DOWNLOAD_BYTES} bytes"
-                )
-            out.write(chunk)
+def _body(url: str, response: http.client.HTTPResponse) -> Iterator[bytes]:
+    """The body of ``response`` in chunks; raise on short or oversized bodies."""
+    length_header = response.headers.get("Content-Length")
+    length = int(length_header) if length_header else None
+    if length is not None and length > _MAX_DOWNLOAD_BYTES:
+        raise DataError(f"{url}: refusing to download {length} bytes")
+    total = 0
+    while chunk := response.read(CHUNK):
+        total += len(chunk)
+        if total > _MAX_DOWNLOAD_BYTES:
+            raise DataError(f"{url}: refusing to download more than {_MAX_DOWNLOAD_BYTES} bytes")
+        yield chunk
     if length is not None and total != length:
         raise DataError(f"{url}: incomplete download, got {total} of {length} bytes")
 
 
-def _download(root: Path, name: str, verify: bool) -> np.ndarray:
-    """Download ``name`` into ``root`` from the first mirror that works.
+def _download_from(url: str, root: Path, name: str, verify: bool) -> np.ndarray:
+    """Download ``url`` into ``root`` as ``name.gz``, or as ``name`` when it is not gzip data.
 
-    Each attempt goes to a temporary file in ``root`` which is verified
-    (checksum if ``verify``, otherwise IDX structure) before being moved into
-    place with :func:`os.replace`.  Returns the loaded array.
+    The download is written to a temporary file and checked there (checksum if ``verify``,
+    otherwise IDX structure), so only a file that passes replaces anything. Returns the
+    loaded array.
     """
+    request = urllib.request.Request(url, headers={"User-Agent": "fastvae"})
+    with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT) as response:
+        chunks = _body(url, response)
+        # The first bytes tell the file's name: gzip or not.
+        head = b""
+        for chunk in chunks:
+            head += chunk
+            if len(head) >= len(GZIP_MAGIC):
+                break
+        compressed = head.startswith(GZIP_MAGIC)
+
+        def write(f: BinaryIO) -> np.ndarray:
+            f.write(head)
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            return _load_file(Path(f.name), name, verify, label=url)
+
+        return atomic_write(root / (f"{name}.gz" if compressed else name), write)
+
+
+def _download(root: Path, name: str, verify: bool) -> np.ndarray:
+    """Download ``name`` into ``root`` from the first mirror that works; the loaded array."""
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -201,27 +218,13 @@ def _download(root: Path, name: str, verify: bool) -> np.ndarray:
     failures: list[str] = []
     for base in _mirrors():
         url = f"{base.rstrip('/')}/{filename}"
-        tmp = root / f".{filename}.{os.urandom(6).hex()}.part"
-        created = False
         try:
             _log.info("downloading %s", url)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            created = True
-            with os.fdopen(fd, "wb") as out:
-                _fetch(url, out)
-            array = _load_file(tmp, name, verify, label=url)
-            with open(tmp, "rb") as f:
-                compressed = f.read(2) == GZIP_MAGIC
-            os.replace(tmp, root / (filename if compressed else name))
-            return array
+            return _download_from(url, root, name, verify)
         except DataError as exc:  # messages already start with the URL
             failures.append(str(exc))
         except (OSError, http.client.HTTPException, ValueError) as exc:
             failures.append(f"{url}: {type(exc).__name__}: {exc}")
-        finally:
-            if created:  # still there unless os.replace succeeded
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
     tried = "\n".join(f"  - {f}" for f in failures)
     raise DataError(
         f"could not download {filename} into {root}; tried:\n{tried}\n"
