@@ -294,7 +294,7 @@ def _test_set(vae: VAE, data: str | None) -> tuple[NDArray[np.float32], NDArray[
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import images
+    from . import pictures
     from .datasets import binarize, load_mnist
     from .model import VAE
 
@@ -349,7 +349,7 @@ def _train(args: argparse.Namespace) -> int:
     if not hasattr(vae, "epochs_trained_"):
         raise FastVAEError("nothing to do: --epochs is not above the epochs already trained")
 
-    names = images.write_pictures(vae, x_test, y_test, out, seed=args.seed)
+    names = pictures.write_pictures(vae, x_test, y_test, out, seed=args.seed)
     test_loss = -float(vae.elbo(x_eval).mean())
     which = "fixed binarized test set" if dynamic else "test set"
     print(f"test loss (BCE + KL per example, {which}): {test_loss:.2f} nats")
@@ -446,13 +446,13 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from . import images
+    from . import pictures
 
     vae = _load_model(args.model, args.threads)
     out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     x, y = _test_set(vae, args.data)
-    names = images.write_pictures(vae, x, y, out, seed=args.seed)
+    names = pictures.write_pictures(vae, x, y, out, seed=args.seed)
     print(f"wrote pictures in {out}/:")
     print("  " + "  ".join(names))
     return 0
