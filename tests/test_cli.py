@@ -76,7 +76,7 @@ def test_train_writes_model_metrics_pictures_and_resumes(mnist_dir: Path, tmp_pa
         assert (out / name).stat().st_size > 0, name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]
-    assert rows[0]["test_loss"] < 200 and rows[0]["samples_per_sec"] > 0
+    assert rows[0]["val_loss"] < 200 and rows[0]["samples_per_sec"] > 0
     with Image.open(out / "samples.png") as img:
         assert img.mode == "L" and img.width == img.height
         pixels = np.asarray(img, dtype=np.float32)
@@ -232,7 +232,7 @@ def test_train_with_dynamic_binarization(mnist_dir: Path, tmp_path: Path) -> Non
     vae = VAE.load(out / "model.safetensors")
     x_test = fastvae.datasets.load_mnist("test", root=mnist_dir)[0]
     fixed = fastvae.datasets.binarize(x_test)
-    assert row["test_loss"] == pytest.approx(-float(vae.elbo(fixed).mean()), rel=1e-9)
+    assert row["val_loss"] == pytest.approx(-float(vae.elbo(fixed).mean()), rel=1e-9)
     assert (out / "latent_map.png").exists() and not (out / "manifold.png").exists()
 
 

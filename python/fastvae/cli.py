@@ -263,7 +263,7 @@ def _metrics_lines(history: dict[str, list[Any]]) -> str:
                 {
                     "epoch": history["epoch"][i],
                     "train_loss": history["train_loss"][i],
-                    "test_loss": history["val_loss"][i],
+                    "val_loss": history["val_loss"][i],
                     "samples_per_sec": history["samples_per_sec"][i],
                     "seconds": history["seconds"][i],
                 }
