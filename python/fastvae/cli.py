@@ -190,10 +190,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--binarize",
-        choices=("none", "fixed"),
-        default="none",
-        help="fixed: score a fixed Bernoulli draw of the test set (for models trained with "
-        "--binarize dynamic)",
+        choices=("none", "dynamic"),
+        default=None,
+        help="dynamic: the model was trained on dynamically binarized images, so score it on "
+        "the fixed Bernoulli draw of the test set, as papers do (default: the model's own "
+        "training setting, none when the file has none)",
     )
     e.add_argument(
         "--limit",
@@ -385,8 +386,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .datasets import binarize
 
     vae = _load_model(args.model, args.threads)
+    mode = args.binarize or getattr(vae, "fit_params_", {}).get("binarize") or "none"
     x, _ = _test_set(vae, args.data)
-    if args.binarize == "fixed":
+    if mode == "dynamic":
         x = binarize(x)
     if args.limit is not None:
         x = x[: args.limit]
@@ -403,7 +405,7 @@ def _eval(args: argparse.Namespace) -> int:
         result = {
             "model": args.model,
             "examples": len(x),
-            "binarize": args.binarize,
+            "binarize": mode,
             "seed": args.seed,
             "elbo": elbo,
             "elbo_stderr": elbo_sem,
@@ -418,7 +420,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     arch = "-".join(str(d) for d in (vae.input_dim, *vae.hidden_dims, vae.latent_dim))
     print(f"model     {args.model}: {arch} {vae.activation}, {vae.epochs_trained_} epochs trained")
-    data = "fixed binarization" if args.binarize == "fixed" else "grayscale"
+    data = "fixed binarization" if mode == "dynamic" else "grayscale"
     print(f"data      MNIST test set, {len(x):,} images ({data})")
     print(
         f"ELBO      {elbo:.2f} nats per image (+/- {elbo_sem:.2f} std. error; loss "
