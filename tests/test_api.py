@@ -70,6 +70,21 @@ def test_fit_returns_self_and_history(data: np.ndarray) -> None:
     assert h["epoch"] == [1, 2, 3] and h["val_loss"][-1] is None
 
 
+def test_epochs_trained(data: np.ndarray, tmp_path: Path) -> None:
+    m = VAE(input_dim=12, hidden_dims=(8,), latent_dim=2, threads=1)
+    # A fitted attribute: absent (AttributeError, so hasattr works) until there are weights.
+    assert not hasattr(m, "epochs_trained_")
+    with pytest.raises(AttributeError, match="fit"):
+        m.epochs_trained_  # noqa: B018
+    m.fit(data, epochs=2, progress=False)
+    assert m.epochs_trained_ == 2
+    m.save(tmp_path / "m.safetensors")
+    back = VAE.load(tmp_path / "m.safetensors").fit(data, epochs=1, progress=False)
+    assert back.epochs_trained_ == 3
+    # A changed architecture discards the weights, and with them the count.
+    assert not hasattr(m.set_params(latent_dim=3), "epochs_trained_")
+
+
 def test_method_shapes_and_dtypes(fitted: VAE, data: np.ndarray) -> None:
     mu, logvar = fitted.encode(data)
     assert mu.shape == logvar.shape == (300, 3) and mu.dtype == np.float32

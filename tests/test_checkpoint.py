@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from budget import little_work
 
 from fastvae import VAE, CheckpointError, ConfigError, FastVAEError
 
@@ -305,9 +306,9 @@ def test_garbage_files_are_rejected(small: VAE, small_file: bytes, tmp_path: Pat
         else:
             path = tmp_path / f"{label.replace(' ', '_')}.safetensors"
             path.write_bytes(content)
-        t0 = time.perf_counter()
-        assert outcome(path, want, messages) == "rejected", label
-        assert time.perf_counter() - t0 < 2, label
+        # Refused without reading or allocating what the file claims to hold.
+        with little_work(label, cpu_seconds=2):
+            assert outcome(path, want, messages) == "rejected", label
         tried += 1
     assert not marker.exists(), "loading a pickle executed it"
     print(f"\ngarbage files: {tried} tried, all rejected; reasons: {dict(messages)}")
@@ -481,10 +482,12 @@ def test_foreign_and_crafted_safetensors_files(
             m["crc32"] = _crc(m, t)
         path = tmp_path / "crafted.safetensors"
         save_file(t, str(path), metadata=m)
-        t0 = time.perf_counter()
-        with pytest.raises(CheckpointError, match=pattern) as info:
+        # Refused before building the model the metadata describes (gigabytes, for some).
+        with (
+            little_work(label, cpu_seconds=2),
+            pytest.raises(CheckpointError, match=pattern) as info,
+        ):
             VAE.load(path, threads=1)
-        assert time.perf_counter() - t0 < 2, label
         if not label.startswith("history"):  # read by the Python layer, after the core
             assert str(path) in str(info.value), label
         tried += 1
@@ -600,10 +603,14 @@ def test_save_is_atomic_under_sigkill(tmp_path: Path) -> None:
         try:
             assert p.stdout is not None
             assert p.stdout.readline() == b"ready\n", p.stderr.read() if p.stderr else ""
+            # Wait for a first whole save, however long a busy machine takes, so the kill,
+            # after a random delay, lands among saves (the file no longer the original).
+            first = p.stdout.readline()
+            assert first == b"1\n", first + (p.stderr.read() if p.stderr else b"")
             time.sleep(float(rng.uniform(0.02, 0.4)))
             p.send_signal(signal.SIGKILL)
-            p.wait(10)
-            lines = p.stdout.read().split()
+            p.wait(60)
+            lines = [first, *p.stdout.read().split()]
         finally:
             if p.poll() is None:
                 p.kill()
@@ -652,16 +659,25 @@ def _thread_count() -> int:
 def test_many_short_fits_do_not_leak_memory() -> None:
     x = np.random.default_rng(6).random((1000, 784), dtype=np.float32)
     vae = VAE(hidden_dims=(64,), latent_dim=8, seed=0, threads=2)
-    rss = {}
-    for call in range(1, 301):
-        vae.fit(x, epochs=1, batch_size=128, progress=False)
-        vae.elbo(x[:100])
-        if call in (50, 300):
-            gc.collect()
-            rss[call] = _rss_bytes()
-    grown = rss[300] - rss[50]
-    print(f"\nRSS after 50 fits {rss[50] / 2**20:.1f} MiB, after 300 {rss[300] / 2**20:.1f} MiB")
-    assert grown < 4 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 250 fits"
+
+    def rss_after(fits: int) -> int:
+        for _ in range(fits):
+            vae.fit(x, epochs=1, batch_size=128, progress=False)
+            vae.elbo(x[:100])
+        gc.collect()
+        return _rss_bytes()
+
+    # After 50 fits buffers, pools and allocator arenas have their working size. A leak then
+    # grows memory in every further 250 fits; an allocator's one-off growth (an arena kept,
+    # pages not yet returned) does not recur, so up to three rounds are tried.
+    rss = [rss_after(50)]
+    while len(rss) < 4:
+        rss.append(rss_after(250))
+        if rss[-1] - rss[-2] < 4 * 2**20:
+            break
+    grown = [(b - a) / 2**20 for a, b in zip(rss, rss[1:], strict=False)]
+    print(f"\nRSS after 50 fits {rss[0] / 2**20:.1f} MiB; grown per 250 fits (MiB): {grown}")
+    assert min(grown) < 4, f"resident memory grew by {grown} MiB in each round of 250 fits"
 
 
 def test_loading_and_dropping_models_does_not_leak_threads(small: VAE, tmp_path: Path) -> None:
@@ -674,7 +690,9 @@ def test_loading_and_dropping_models_does_not_leak_threads(small: VAE, tmp_path:
         m.elbo(np.full((3, D), 0.5, np.float32))
         del m
     gc.collect()
-    deadline = time.monotonic() + 5
+    # Pool threads exit on their own after their model is dropped: wait for them, as long as
+    # a busy machine needs; threads that never exit still fail.
+    deadline = time.monotonic() + 60
     while _thread_count() > before + 4 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _thread_count() <= before + 4, (before, _thread_count())

@@ -76,7 +76,7 @@ def test_train_writes_model_metrics_pictures_and_resumes(mnist_dir: Path, tmp_pa
         assert (out / name).stat().st_size > 0, name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]
-    assert rows[0]["test_loss"] < 200 and rows[0]["samples_per_sec"] > 0
+    assert rows[0]["val_loss"] < 200 and rows[0]["samples_per_sec"] > 0
     with Image.open(out / "samples.png") as img:
         assert img.mode == "L" and img.width == img.height
         pixels = np.asarray(img, dtype=np.float32)
@@ -166,9 +166,9 @@ def test_eval_prints_elbo_and_log_likelihood(
         float(vae.log_likelihood(x, k=20, seed=0).mean()), rel=1e-12
     )
 
-    assert main([*common, "--json", "--binarize", "fixed", "--seed", "5"]) == 0
+    assert main([*common, "--json", "--binarize", "dynamic", "--seed", "5"]) == 0
     fixed = json.loads(capsys.readouterr().out)
-    assert fixed["binarize"] == "fixed" and fixed["log_likelihood"] is None
+    assert fixed["binarize"] == "dynamic" and fixed["log_likelihood"] is None
     xb = fastvae.datasets.binarize(fastvae.datasets.load_mnist("test", root=mnist_dir)[0])[:300]
     assert fixed["elbo"] == pytest.approx(float(vae.elbo(xb, seed=5).mean()), rel=1e-12)
 
@@ -221,9 +221,11 @@ def test_bad_model_file_is_a_clear_error(command: str, tmp_path: Path) -> None:
         assert "Traceback" not in r.stderr
 
 
-def test_train_with_dynamic_binarization(mnist_dir: Path, tmp_path: Path) -> None:
+def test_train_with_dynamic_binarization(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--binarize dynamic trains on Bernoulli draws and reports the loss on the fixed
-    binarized test set."""
+    binarized test set; eval scores that model on the same set unless told otherwise."""
     out = tmp_path / "bin"
     args = ["train", "--data", str(mnist_dir), "--out", str(out), "--hidden-dims", "16"]
     args += ["--latent-dim", "4", "--epochs", "1", "--threads", "2", "--no-progress"]
@@ -232,8 +234,21 @@ def test_train_with_dynamic_binarization(mnist_dir: Path, tmp_path: Path) -> Non
     vae = VAE.load(out / "model.safetensors")
     x_test = fastvae.datasets.load_mnist("test", root=mnist_dir)[0]
     fixed = fastvae.datasets.binarize(x_test)
-    assert row["test_loss"] == pytest.approx(-float(vae.elbo(fixed).mean()), rel=1e-9)
+    assert row["val_loss"] == pytest.approx(-float(vae.elbo(fixed).mean()), rel=1e-9)
     assert (out / "latent_map.png").exists() and not (out / "manifold.png").exists()
+
+    # eval without --binarize follows the model's training setting; --binarize none overrides.
+    model = str(out / "model.safetensors")
+    common = ["eval", model, "--data", str(mnist_dir), "--limit", "200", "--json"]
+    capsys.readouterr()
+    assert main(common) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["binarize"] == "dynamic"
+    assert result["elbo"] == pytest.approx(float(vae.elbo(fixed[:200]).mean()), rel=1e-12)
+    assert main([*common, "--binarize", "none"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["binarize"] == "none"
+    assert result["elbo"] == pytest.approx(float(vae.elbo(x_test[:200]).mean()), rel=1e-12)
 
 
 def test_resume_continues_with_the_saved_training_settings(mnist_dir: Path, tmp_path: Path) -> None:

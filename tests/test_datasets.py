@@ -1,7 +1,8 @@
-"""Tests for fastvae.datasets: IDX parsing, MNIST loading, checksums and downloads.
+"""Tests for fastvae.datasets: IDX parsing (idx.py), MNIST loading, checksums and
+downloads (mnist.py).
 
-The real MNIST files are taken from ``$FASTVAE_DATA`` or, by default, from
-``<repo>/../shared/data/mnist``; tests needing them are skipped if absent.
+The real MNIST files come from conftest.py's ``mnist_dir`` and ``mnist`` fixtures
+(``$FASTVAE_DATA`` or ``<repo>/../shared/data/mnist``); tests needing them fail if absent.
 Download tests only talk to HTTP servers started on 127.0.0.1 by the tests.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
-import os
 import shutil
 import socket
 import struct
@@ -24,25 +24,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastvae import datasets
-from fastvae.datasets import load_idx_dataset, load_mnist, read_idx
+from fastvae.datasets import idx, load_idx_dataset, load_mnist, read_idx
+from fastvae.datasets import mnist as mnist_module
 from fastvae.errors import DataError
 
-REAL_DIR = Path(
-    os.environ.get("FASTVAE_DATA")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-)
 FILE_NAMES = [
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 ]
-HAVE_REAL = all((REAL_DIR / f"{n}.gz").is_file() for n in FILE_NAMES)
-requires_real = pytest.mark.skipif(
-    not HAVE_REAL,
-    reason=f"real MNIST .gz files not found in {REAL_DIR} (set FASTVAE_DATA to their directory)",
-)
 
 TEST_IMAGES = "t10k-images-idx3-ubyte"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
@@ -75,13 +66,14 @@ def write(path: Path, data: bytes, compress: bool = False) -> Path:
     return path
 
 
-def real_raw(name: str) -> bytes:
+def real_raw(mnist_dir: Path, name: str) -> bytes:
     """Decompressed content of one of the real MNIST files."""
-    return gzip.decompress((REAL_DIR / f"{name}.gz").read_bytes())
+    return gzip.decompress((mnist_dir / f"{name}.gz").read_bytes())
 
 
 def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
+    """Temporary files in directory: downloads are written to hidden ".NAME.XXXX.tmp" files."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
 @pytest.fixture(autouse=True)
@@ -134,10 +126,8 @@ def serve() -> Iterator[Callable[[Path], tuple[str, list[str]]]]:
 
 
 @pytest.fixture(scope="module")
-def real_test_split() -> tuple[np.ndarray, np.ndarray]:
-    if not HAVE_REAL:
-        pytest.skip(f"real MNIST files not found in {REAL_DIR}")
-    return load_mnist("test", root=REAL_DIR, download=False)
+def real_test_split(mnist: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return mnist["x_test"], mnist["y_test"]
 
 
 # --------------------------------------------------------------------------
@@ -145,7 +135,6 @@ def real_test_split() -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------
 
 
-@requires_real
 @pytest.mark.parametrize(
     ("split", "n", "first", "counts"),
     [
@@ -163,8 +152,10 @@ def real_test_split() -> tuple[np.ndarray, np.ndarray]:
         ),
     ],
 )
-def test_load_mnist_real(split: str, n: int, first: list[int], counts: list[int]) -> None:
-    images, labels = load_mnist(split, root=REAL_DIR, download=False)
+def test_load_mnist_real(
+    mnist_dir: Path, split: str, n: int, first: list[int], counts: list[int]
+) -> None:
+    images, labels = load_mnist(split, root=mnist_dir, download=False)
     assert images.shape == (n, 784)
     assert images.dtype == np.float32
     assert images.flags.c_contiguous
@@ -182,9 +173,8 @@ def test_load_mnist_real(split: str, n: int, first: list[int], counts: list[int]
     assert np.bincount(labels).tolist() == counts
 
 
-@requires_real
-def test_hard_coded_checksums_match_sha256sums_file() -> None:
-    sums_file = REAL_DIR / "SHA256SUMS"
+def test_hard_coded_checksums_match_sha256sums_file(mnist_dir: Path) -> None:
+    sums_file = mnist_dir / "SHA256SUMS"
     if not sums_file.is_file():
         pytest.skip(f"{sums_file} not present")
     listed = {}
@@ -192,39 +182,36 @@ def test_hard_coded_checksums_match_sha256sums_file() -> None:
         if line.strip():
             digest, name = line.split()
             listed[name.lstrip("*")] = digest
-    assert {name: sha for name, (sha, _size) in datasets._MNIST_FILES.items()} == listed
+    assert {name: sha for name, (sha, _size) in mnist_module._MNIST_FILES.items()} == listed
     for name in FILE_NAMES:
-        data = real_raw(name)
-        assert len(data) == datasets._MNIST_FILES[name][1]
+        data = real_raw(mnist_dir, name)
+        assert len(data) == mnist_module._MNIST_FILES[name][1]
         assert hashlib.sha256(data).hexdigest() == listed[name]
 
 
-@requires_real
-def test_read_idx_real_files() -> None:
-    images = read_idx(REAL_DIR / f"{TEST_IMAGES}.gz")
-    labels = read_idx(REAL_DIR / f"{TEST_LABELS}.gz")
+def test_read_idx_real_files(mnist_dir: Path) -> None:
+    images = read_idx(mnist_dir / f"{TEST_IMAGES}.gz")
+    labels = read_idx(mnist_dir / f"{TEST_LABELS}.gz")
     assert images.shape == (10000, 28, 28)
     assert images.dtype == np.uint8
     assert labels.shape == (10000,)
     assert labels.dtype == np.uint8
 
 
-@requires_real
 def test_fastvae_data_env_var(
-    monkeypatch: pytest.MonkeyPatch, real_test_split: tuple[np.ndarray, np.ndarray]
+    mnist_dir: Path, monkeypatch: pytest.MonkeyPatch, real_test_split: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    monkeypatch.setenv("FASTVAE_DATA", str(REAL_DIR))
+    monkeypatch.setenv("FASTVAE_DATA", str(mnist_dir))
     images, labels = load_mnist("test", download=False)
     np.testing.assert_array_equal(images, real_test_split[0])
     np.testing.assert_array_equal(labels, real_test_split[1])
 
 
-@requires_real
 def test_uncompressed_files_in_root(
-    tmp_path: Path, real_test_split: tuple[np.ndarray, np.ndarray]
+    mnist_dir: Path, tmp_path: Path, real_test_split: tuple[np.ndarray, np.ndarray]
 ) -> None:
     for name in (TEST_IMAGES, TEST_LABELS):
-        (tmp_path / name).write_bytes(real_raw(name))
+        (tmp_path / name).write_bytes(real_raw(mnist_dir, name))
     images, labels = load_mnist("test", root=tmp_path, download=False)
     np.testing.assert_array_equal(images, real_test_split[0])
     np.testing.assert_array_equal(labels, real_test_split[1])
@@ -232,11 +219,10 @@ def test_uncompressed_files_in_root(
     np.testing.assert_array_equal(raw, real_test_split[1])
 
 
-@requires_real
 @pytest.mark.parametrize("compress", [True, False])
-def test_checksum_mismatch(tmp_path: Path, compress: bool) -> None:
-    shutil.copy(REAL_DIR / f"{TEST_IMAGES}.gz", tmp_path)
-    data = bytearray(real_raw(TEST_LABELS))
+def test_checksum_mismatch(mnist_dir: Path, tmp_path: Path, compress: bool) -> None:
+    shutil.copy(mnist_dir / f"{TEST_IMAGES}.gz", tmp_path)
+    data = bytearray(real_raw(mnist_dir, TEST_LABELS))
     data[8 + 123] = (data[8 + 123] + 1) % 10  # still a valid label file
     actual = hashlib.sha256(data).hexdigest()
     target = tmp_path / (f"{TEST_LABELS}.gz" if compress else TEST_LABELS)
@@ -246,7 +232,7 @@ def test_checksum_mismatch(tmp_path: Path, compress: bool) -> None:
         load_mnist("test", root=tmp_path, download=False)
     message = str(info.value)
     assert str(target) in message
-    assert datasets._MNIST_FILES[TEST_LABELS][0] in message
+    assert mnist_module._MNIST_FILES[TEST_LABELS][0] in message
     assert actual in message
     assert "verify=False" in message
 
@@ -255,10 +241,9 @@ def test_checksum_mismatch(tmp_path: Path, compress: bool) -> None:
     assert labels[123] == data[8 + 123]
 
 
-@requires_real
-def test_verified_file_with_trailing_bytes_is_rejected(tmp_path: Path) -> None:
-    shutil.copy(REAL_DIR / f"{TEST_IMAGES}.gz", tmp_path)
-    write(tmp_path / f"{TEST_LABELS}.gz", real_raw(TEST_LABELS) + b"\0", compress=True)
+def test_verified_file_with_trailing_bytes_is_rejected(mnist_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(mnist_dir / f"{TEST_IMAGES}.gz", tmp_path)
+    write(tmp_path / f"{TEST_LABELS}.gz", real_raw(mnist_dir, TEST_LABELS) + b"\0", compress=True)
     with pytest.raises(DataError, match="checksum"):
         load_mnist("test", root=tmp_path, download=False)
     with pytest.raises(DataError, match="trailing"):
@@ -439,7 +424,7 @@ def test_fuzz_parse_buffer_only_raises_data_error(data: bytes) -> None:
     if data[:2] == b"\x1f\x8b":
         return
     try:
-        result = datasets._parse_buffer(bytearray(data), "fuzz")
+        result = idx.parse_buffer(bytearray(data), "fuzz")
     except DataError:
         return
     _check_fuzz_result(result)
@@ -480,7 +465,7 @@ def fake_pair(n: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def write_fake_split(root: Path, split: str, n: int = 5, compress: bool = True) -> tuple:
     images, labels = fake_pair(n)
-    img_name, lbl_name = datasets._SPLITS[split]
+    img_name, lbl_name = mnist_module._SPLITS[split]
     suffix = ".gz" if compress else ""
     write(root / f"{img_name}{suffix}", idx_bytes(images), compress)
     write(root / f"{lbl_name}{suffix}", idx_bytes(labels), compress)
@@ -643,18 +628,18 @@ def mirror_dir(tmp_path: Path, name: str, files: dict[str, bytes]) -> Path:
     return directory
 
 
-def real_gz(name: str) -> bytes:
-    return (REAL_DIR / f"{name}.gz").read_bytes()
+def real_gz(mnist_dir: Path, name: str) -> bytes:
+    return (mnist_dir / f"{name}.gz").read_bytes()
 
 
-@requires_real
 def test_download_into_empty_root(
+    mnist_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     serve: Callable,
     real_test_split: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    files = {f"{n}.gz": real_gz(n) for n in (TEST_IMAGES, TEST_LABELS)}
+    files = {f"{n}.gz": real_gz(mnist_dir, n) for n in (TEST_IMAGES, TEST_LABELS)}
     url, log = serve(mirror_dir(tmp_path, "mirror", files))
     monkeypatch.setenv("FASTVAE_MNIST_MIRRORS", url.rstrip("/"))  # no trailing slash
     root = tmp_path / "cache" / "nested"  # does not exist yet
@@ -674,37 +659,36 @@ def test_download_into_empty_root(
     assert log == []
 
 
-@requires_real
 def test_download_only_missing_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Callable
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Callable
 ) -> None:
-    files = {f"{n}.gz": real_gz(n) for n in (TEST_IMAGES, TEST_LABELS)}
+    files = {f"{n}.gz": real_gz(mnist_dir, n) for n in (TEST_IMAGES, TEST_LABELS)}
     url, log = serve(mirror_dir(tmp_path, "mirror", files))
     monkeypatch.setenv("FASTVAE_MNIST_MIRRORS", url)
     root = tmp_path / "root"
     root.mkdir()
-    shutil.copy(REAL_DIR / f"{TEST_IMAGES}.gz", root)
+    shutil.copy(mnist_dir / f"{TEST_IMAGES}.gz", root)
     _, labels = load_mnist("test", root=root)
     assert log == [f"/{TEST_LABELS}.gz"]
     assert labels.shape == (10000,)
 
 
-@requires_real
 def test_download_falls_back_to_next_mirror(
+    mnist_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     serve: Callable,
     real_test_split: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    corrupted = bytearray(real_raw(TEST_LABELS))
+    corrupted = bytearray(real_raw(mnist_dir, TEST_LABELS))
     corrupted[500] = (corrupted[500] + 1) % 10
-    good = {f"{n}.gz": real_gz(n) for n in (TEST_IMAGES, TEST_LABELS)}
+    good = {f"{n}.gz": real_gz(mnist_dir, n) for n in (TEST_IMAGES, TEST_LABELS)}
     empty_url, empty_log = serve(mirror_dir(tmp_path, "empty", {}))  # 404s
     bad_sum_url, bad_sum_log = serve(
         mirror_dir(tmp_path, "badsum", {f"{TEST_LABELS}.gz": gzip.compress(bytes(corrupted))})
     )
     trunc_url, _ = serve(
-        mirror_dir(tmp_path, "trunc", {f"{TEST_LABELS}.gz": real_gz(TEST_LABELS)[:-100]})
+        mirror_dir(tmp_path, "trunc", {f"{TEST_LABELS}.gz": real_gz(mnist_dir, TEST_LABELS)[:-100]})
     )
     good_url, good_log = serve(mirror_dir(tmp_path, "good", good))
     dead_url = f"http://127.0.0.1:{closed_port()}/"
@@ -715,18 +699,17 @@ def test_download_falls_back_to_next_mirror(
     images, labels = load_mnist("test", root=root)
     np.testing.assert_array_equal(images, real_test_split[0])
     np.testing.assert_array_equal(labels, real_test_split[1])
-    assert (root / f"{TEST_LABELS}.gz").read_bytes() == real_gz(TEST_LABELS)
+    assert (root / f"{TEST_LABELS}.gz").read_bytes() == real_gz(mnist_dir, TEST_LABELS)
     assert sorted(p.name for p in root.iterdir()) == sorted(good)
     assert f"/{TEST_LABELS}.gz" in empty_log
     assert bad_sum_log == [f"/{TEST_IMAGES}.gz", f"/{TEST_LABELS}.gz"]  # 404, bad checksum
     assert sorted(good_log) == sorted(f"/{f}" for f in good)
 
 
-@requires_real
 def test_download_all_mirrors_bad(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Callable
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Callable
 ) -> None:
-    corrupted = bytearray(real_raw(TEST_IMAGES))
+    corrupted = bytearray(real_raw(mnist_dir, TEST_IMAGES))
     corrupted[1000] ^= 0xFF
     bad_sum_url, _ = serve(
         mirror_dir(tmp_path, "badsum", {f"{TEST_IMAGES}.gz": gzip.compress(bytes(corrupted), 1)})
@@ -769,7 +752,7 @@ def test_download_tiny_fakes_with_patched_checksums(
     img_raw, lbl_raw = idx_bytes(images), idx_bytes(labels)
     for name, raw in ((TEST_IMAGES, img_raw), (TEST_LABELS, lbl_raw)):
         monkeypatch.setitem(
-            datasets._MNIST_FILES, name, (hashlib.sha256(raw).hexdigest(), len(raw))
+            mnist_module._MNIST_FILES, name, (hashlib.sha256(raw).hexdigest(), len(raw))
         )
     bad_lbl = bytearray(lbl_raw)
     bad_lbl[-1] ^= 1

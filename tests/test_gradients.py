@@ -8,23 +8,20 @@ Three independent checks of every gradient:
   which does not involve the NumPy code at all.
 
 Plus closed-form values of the BCE and KL terms for hand-built weights, and three Adam steps
-against ``numpy_vae.adam_step``. The MNIST-sized case needs the real MNIST files (from
-``$FASTVAE_DATA`` or ``<repo>/../shared/data/mnist``).
+against ``numpy_vae.adam_step``. The MNIST-sized case needs the real MNIST files (conftest.py's
+``mnist`` fixture).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import numpy_vae as nv
 import pytest
 
 from fastvae import VAE, _core
-from fastvae.datasets import load_mnist
 
 # Tolerances, relative to the largest absolute value of the tensor compared.
 GRAD_RTOL = 1e-4
@@ -569,31 +566,11 @@ def test_adam_moments_match_numpy_on_the_cores_gradients(config: Config, threads
 # The canonical MNIST model
 # --------------------------------------------------------------------------------------------
 
-_ENV_DATA = os.environ.get("FASTVAE_DATA")
-MNIST_DIR = Path(
-    _ENV_DATA or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-)
-_MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def _have_mnist() -> bool:
-    return all((MNIST_DIR / n).is_file() or (MNIST_DIR / f"{n}.gz").is_file() for n in _MNIST_FILES)
-
-
-@pytest.fixture(scope="module")
-def mnist_test_rows() -> np.ndarray:
-    if not _have_mnist():
-        if _ENV_DATA:
-            pytest.fail(f"FASTVAE_DATA={_ENV_DATA} is set but the MNIST test files are not there")
-        pytest.skip(f"MNIST not found in {MNIST_DIR} (set FASTVAE_DATA)")
-    images, _ = load_mnist("test", root=MNIST_DIR, download=False)
-    return images
-
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_mnist_canonical_model_matches_numpy(mnist_test_rows: np.ndarray, threads: int) -> None:
+def test_mnist_canonical_model_matches_numpy(mnist: dict[str, np.ndarray], threads: int) -> None:
     config = Config(784, (400,), 20, "relu")
-    x = mnist_test_rows[[0, 1, 2, 3]]
+    x = mnist["x_test"][[0, 1, 2, 3]]
     # The core's own initialization (seed 0), as a real run starts from.
     weights = _core.Model(784, [400], 20, "relu", 0, threads).weights()
     eps = np.random.default_rng(12).standard_normal((4, 20)).astype(np.float32)

@@ -1,6 +1,7 @@
-"""The picture functions of fastvae.images: each writes a valid, non-blank PNG, atomically
-(nothing but the picture is left in the folder, also when writing fails), and rejects inputs
-it cannot draw."""
+"""The picture modules: image grids (fastvae.images), plots (fastvae.plots), the PCA
+projection (fastvae.pca) and the set a model's run writes (fastvae.pictures). Each picture is a
+valid, non-blank PNG, written atomically (nothing but the picture is left in the folder, also
+when writing fails), and inputs that cannot be drawn are rejected."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastvae import VAE, images
+from fastvae import VAE, images, pca, pictures, plots
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +79,9 @@ def test_reconstructions(tmp_path: Path, vae2: VAE, mnist: dict[str, np.ndarray]
 
 def test_loss_curve(tmp_path: Path) -> None:
     history = {"epoch": [1, 2, 3], "train_loss": [190.0, 170.0, 165.0], "val_loss": [None] * 3}
-    images.loss_curve(history, tmp_path / "loss.png")
+    plots.loss_curve(history, tmp_path / "loss.png")
     history["val_loss"] = [180.0, 168.0, 164.0]
-    images.loss_curve(history, tmp_path / "loss2.png")
+    plots.loss_curve(history, tmp_path / "loss2.png")
     for name in ("loss.png", "loss2.png"):
         img = open_png(tmp_path / name)
         assert img.width > 300 and img.height > 200
@@ -99,7 +100,7 @@ def clusters(n: int, zdim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("zdim", [1, 2, 20])
 def test_latent_map(tmp_path: Path, zdim: int) -> None:
     means, labels = clusters(2000, zdim)
-    images.latent_map(means, labels, tmp_path / "map.png")
+    plots.latent_map(means, labels, tmp_path / "map.png")
     img = open_png(tmp_path / "map.png")
     assert img.mode == "RGBA" and img.width > 500 and img.height > 400
     assert_not_blank(img, 5.0)
@@ -114,9 +115,9 @@ def test_latent_map_of_a_model_and_without_labels(
     tmp_path: Path, vae2: VAE, mnist: dict[str, np.ndarray]
 ) -> None:
     mu = vae2.transform(mnist["x_test"][:3000])
-    images.latent_map(mu, mnist["y_test"][:3000], tmp_path / "a.png", title="custom title")
-    images.latent_map(mu, None, tmp_path / "b.png")
-    images.latent_map(mu[:, :1], None, tmp_path / "c.png")
+    plots.latent_map(mu, mnist["y_test"][:3000], tmp_path / "a.png", title="custom title")
+    plots.latent_map(mu, None, tmp_path / "b.png")
+    plots.latent_map(mu[:, :1], None, tmp_path / "c.png")
     for name in ("a.png", "b.png", "c.png"):
         assert_not_blank(open_png(tmp_path / name), 5.0)
 
@@ -128,7 +129,7 @@ def test_pca_projection() -> None:
     basis, _ = np.linalg.qr(rng.normal(size=(20, 2)))
     coords = rng.normal(size=(300, 2)) * [3.0, 1.0]
     points = coords @ basis.T + 5.0
-    proj, explained = images._pca_2d(points)
+    proj, explained = pca.pca_2d(points)
     assert explained.sum() == pytest.approx(1.0)
     assert explained[0] > explained[1] > 0.05
     np.testing.assert_allclose(proj.mean(axis=0), 0.0, atol=1e-9)
@@ -148,12 +149,12 @@ def test_pca_projection() -> None:
 )
 def test_latent_map_rejects_bad_input(tmp_path: Path, means: Any, labels: Any) -> None:
     with pytest.raises(ValueError):
-        images.latent_map(means, labels, tmp_path / "x.png")
+        plots.latent_map(means, labels, tmp_path / "x.png")
     only(tmp_path)
 
 
 def test_manifold(tmp_path: Path, vae2: VAE) -> None:
-    images.manifold(vae2, tmp_path / "m.png", n=12)
+    plots.manifold(vae2, tmp_path / "m.png", n=12)
     img = open_png(tmp_path / "m.png")
     assert img.width > 12 * 28 * 2 and img.height > 12 * 28 * 2  # digits shown 2x, plus axes
     assert_not_blank(img)
@@ -162,22 +163,22 @@ def test_manifold(tmp_path: Path, vae2: VAE) -> None:
 
 def test_manifold_needs_a_2d_latent_space(tmp_path: Path, vae3: VAE) -> None:
     with pytest.raises(ValueError, match="latent_dim == 2"):
-        images.manifold(vae3, tmp_path / "m.png")
+        plots.manifold(vae3, tmp_path / "m.png")
     only(tmp_path)
 
 
 @pytest.mark.parametrize("kwargs", [{"n": 1}, {"span": (0.0, 0.9)}, {"span": (0.6, 0.4)}])
 def test_manifold_rejects_bad_grid(tmp_path: Path, vae2: VAE, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        images.manifold(vae2, tmp_path / "m.png", **kwargs)
+        plots.manifold(vae2, tmp_path / "m.png", **kwargs)
 
 
 def test_interpolations(tmp_path: Path, vae2: VAE, mnist: dict[str, np.ndarray]) -> None:
     x, y = mnist["x_test"], mnist["y_test"]
     pairs = np.stack([x[:5], x[5:10]], axis=1)
     labels = np.stack([y[:5], y[5:10]], axis=1)
-    images.interpolations(vae2, pairs, tmp_path / "i.png", steps=8, labels=labels)
-    images.interpolations(vae2, pairs[:1], tmp_path / "j.png", steps=2)
+    plots.interpolations(vae2, pairs, tmp_path / "i.png", steps=8, labels=labels)
+    plots.interpolations(vae2, pairs[:1], tmp_path / "j.png", steps=2)
     img = open_png(tmp_path / "i.png")
     assert img.width > 10 * 28 * 2 and img.height > 5 * 28 * 2
     assert_not_blank(img)
@@ -193,7 +194,7 @@ def test_interpolations_rejects_bad_input(
     tmp_path: Path, vae2: VAE, pairs_shape: tuple[int, ...], steps: int
 ) -> None:
     with pytest.raises(ValueError):
-        images.interpolations(vae2, np.zeros(pairs_shape, np.float32), tmp_path / "i.png", steps)
+        plots.interpolations(vae2, np.zeros(pairs_shape, np.float32), tmp_path / "i.png", steps)
     only(tmp_path)
 
 
@@ -201,7 +202,7 @@ def test_write_pictures(tmp_path: Path, vae2: VAE, vae3: VAE, mnist: dict[str, n
     x, y = mnist["x_test"][:2000], mnist["y_test"][:2000]
     every = ["reconstructions.png", "samples.png", "latent_map.png", "interpolations.png"]
     (tmp_path / "two").mkdir()
-    names = images.write_pictures(vae2, x, y, tmp_path / "two", seed=1)
+    names = pictures.write_pictures(vae2, x, y, tmp_path / "two", seed=1)
     assert names == [*every, "manifold.png", "loss_curve.png"]
     only(tmp_path / "two", *names)
     for name in names:
@@ -212,7 +213,7 @@ def test_write_pictures(tmp_path: Path, vae2: VAE, vae3: VAE, mnist: dict[str, n
     # latent_dim 3: no manifold. Weights set directly: no history, so no loss curve.
     fresh = VAE(hidden_dims=(16,), latent_dim=3, threads=2).set_weights(vae3.weights())
     (tmp_path / "three").mkdir()
-    names = images.write_pictures(fresh, x, None, tmp_path / "three")
+    names = pictures.write_pictures(fresh, x, None, tmp_path / "three")
     assert names == every
     only(tmp_path / "three", *every)
 

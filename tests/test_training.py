@@ -2,9 +2,8 @@
 quality reached on MNIST.
 
 ``test_slow_mnist_one_epoch_reaches_test_loss_below_130`` is the slow one (a few seconds on two
-cores); it runs by default. It needs the real MNIST files, from ``$FASTVAE_DATA`` or
-``<repo>/../shared/data/mnist``: it is skipped when they are absent, and fails instead when
-``FASTVAE_DATA`` is set but does not hold them, so CI cannot skip it silently.
+cores); it runs by default. It needs the real MNIST files (conftest.py's ``mnist`` fixture),
+and fails when they are absent.
 """
 
 from __future__ import annotations
@@ -13,13 +12,11 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastvae import VAE
-from fastvae.datasets import load_mnist
 
 SMALL = {"input_dim": 20, "hidden_dims": (16,), "latent_dim": 4}
 HISTORY_KEYS = {"epoch", "train_loss", "val_loss", "samples_per_sec", "seconds"}
@@ -149,37 +146,10 @@ def test_loss_decreases_on_a_tiny_dataset() -> None:
 # MNIST
 # --------------------------------------------------------------------------------------------
 
-_ENV_DATA = os.environ.get("FASTVAE_DATA")
-MNIST_DIR = Path(
-    _ENV_DATA or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-)
-_MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
 
-
-@pytest.fixture(scope="module")
-def mnist() -> tuple[np.ndarray, np.ndarray]:
-    present = all(
-        (MNIST_DIR / n).is_file() or (MNIST_DIR / f"{n}.gz").is_file() for n in _MNIST_FILES
-    )
-    if not present:
-        if _ENV_DATA:
-            pytest.fail(f"FASTVAE_DATA={_ENV_DATA} is set but the MNIST files are not all there")
-        pytest.skip(f"MNIST not found in {MNIST_DIR} (set FASTVAE_DATA)")
-    train, _ = load_mnist("train", root=MNIST_DIR, download=False)
-    test, _ = load_mnist("test", root=MNIST_DIR, download=False)
-    return train, test
-
-
-def test_slow_mnist_one_epoch_reaches_test_loss_below_130(
-    mnist: tuple[np.ndarray, np.ndarray],
-) -> None:
+def test_slow_mnist_one_epoch_reaches_test_loss_below_130(mnist: dict[str, np.ndarray]) -> None:
     """The canonical 784-400-20 VAE, one epoch over the 60k training images (slow test)."""
-    train, test = mnist
+    train, test = mnist["x"], mnist["x_test"]
     assert train.shape == (60000, 784) and test.shape == (10000, 784)
     vae = VAE(threads=2).fit(train, epochs=1, progress=False, validation_data=test)
 

@@ -1,31 +1,75 @@
-"""Reading and writing model files. The file format and its checks live in the Rust core
-(safetensors, atomic writes, checksums); this module maps it onto the ``VAE`` estimator and
-keeps the training history in the metadata as JSON."""
+"""What a model file says about training, as plain Python values: the per-epoch history and the
+latest fit's settings, which ride in the file's metadata as JSON strings.
+
+This module is not the file format (the Rust core reads and writes safetensors, with its
+checksums, atomic writes and checks of every tensor) and not the estimator (``VAE.save`` and
+``VAE.load`` in model.py pair these values with the core's model); it imports neither.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
-from . import _core
 from .errors import CheckpointError
-from .model import HISTORY_KEYS
 
-if TYPE_CHECKING:
-    from .model import VAE
+__all__ = ["HISTORY_KEYS", "empty_history", "from_metadata", "to_metadata"]
 
-__all__ = ["load", "save"]
+# Per-epoch records of `VAE.history_`, in this order.
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "samples_per_sec", "seconds")
 
 
-def save(vae: VAE, path: str | os.PathLike[str], include_optimizer: bool) -> None:
-    model = vae._fitted()
-    if not isinstance(include_optimizer, bool):
-        raise TypeError("include_optimizer must be True or False")
-    extra = {"history": json.dumps(getattr(vae, "history_", {}))}
-    if hasattr(vae, "fit_params_"):
-        extra["fit_params"] = json.dumps(vae.fit_params_)
-    model.save(os.fspath(path), include_optimizer, extra)
+def empty_history() -> dict[str, list[Any]]:
+    """A history with every key and no epochs."""
+    return {k: [] for k in HISTORY_KEYS}
+
+
+def to_metadata(
+    history: Mapping[str, list[Any]], fit_params: Mapping[str, Any] | None
+) -> dict[str, str]:
+    """The metadata entries that record ``history`` and, when given, ``fit_params``.
+
+    Parameters
+    ----------
+    history : mapping of lists
+        ``VAE.history_``.
+    fit_params : mapping or None
+        ``VAE.fit_params_``; None for a model never fitted (its weights were set directly).
+
+    Returns
+    -------
+    dict of str
+        ``{"history": ..., "fit_params": ...}`` as JSON strings, for the core's ``Model.save``.
+    """
+    extra = {"history": json.dumps(dict(history))}
+    if fit_params is not None:
+        extra["fit_params"] = json.dumps(dict(fit_params))
+    return extra
+
+
+def from_metadata(extra: Mapping[str, str]) -> tuple[dict[str, list[Any]], dict[str, Any] | None]:
+    """The history and fit settings recorded by ``to_metadata``, checked.
+
+    Parameters
+    ----------
+    extra : mapping of str
+        The extra metadata the core's ``Model.load`` returns.
+
+    Returns
+    -------
+    history : dict of lists
+        Every key of HISTORY_KEYS; empty lists when the file holds no history.
+    fit_params : dict or None
+        ``batch_size``, ``lr`` and ``binarize``; None when the file holds none.
+
+    Raises
+    ------
+    CheckpointError
+        If either is not valid JSON or not laid out as written; the message does not name the
+        file, which the caller adds.
+    """
+    return _history(extra.get("history")), _fit_params(extra.get("fit_params"))
 
 
 def _json(raw: str, what: str) -> Any:
@@ -36,34 +80,12 @@ def _json(raw: str, what: str) -> Any:
 
 
 def _history(raw: str | None) -> dict[str, list[Any]]:
-    empty: dict[str, list[Any]] = {k: [] for k in HISTORY_KEYS}
     if raw is None:
-        return empty
+        return empty_history()
     h = _json(raw, "training history")
     if not isinstance(h, dict) or not all(isinstance(h.get(k), list) for k in HISTORY_KEYS):
         raise CheckpointError("the file's training history has an unexpected layout")
     return {k: list(h[k]) for k in HISTORY_KEYS}
-
-
-def load(cls: type[VAE], path: str | os.PathLike[str], threads: int | None) -> VAE:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no model file at {path!r}")
-    probe = cls(threads=threads)
-    n_threads = probe._checked_config()[-1]
-    model, extra, _ = _core.Model.load(path, n_threads)
-    input_dim, hidden, latent_dim, activation, seed = model.config
-    vae = cls(input_dim, tuple(hidden), latent_dim, activation, seed, threads)
-    try:
-        history = _history(extra.get("history"))
-        fit_params = _fit_params(extra.get("fit_params"))
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    vae._adopt(model)
-    vae.history_ = history
-    if fit_params is not None:
-        vae.fit_params_ = fit_params
-    return vae
 
 
 def _fit_params(raw: str | None) -> dict[str, Any] | None:

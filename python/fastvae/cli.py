@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import __version__
+from ._files import atomic_write
 from .errors import DataError, FastVAEError
 
 if TYPE_CHECKING:
@@ -189,10 +190,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--binarize",
-        choices=("none", "fixed"),
-        default="none",
-        help="fixed: score a fixed Bernoulli draw of the test set (for models trained with "
-        "--binarize dynamic)",
+        choices=("none", "dynamic"),
+        default=None,
+        help="dynamic: the model was trained on dynamically binarized images, so score it on "
+        "the fixed Bernoulli draw of the test set, as papers do (default: the model's own "
+        "training setting, none when the file has none)",
     )
     e.add_argument(
         "--limit",
@@ -251,12 +253,7 @@ MANIFOLD = "manifold.png"
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _metrics_lines(history: dict[str, list[Any]]) -> str:
@@ -267,7 +264,7 @@ def _metrics_lines(history: dict[str, list[Any]]) -> str:
                 {
                     "epoch": history["epoch"][i],
                     "train_loss": history["train_loss"][i],
-                    "test_loss": history["val_loss"][i],
+                    "val_loss": history["val_loss"][i],
                     "samples_per_sec": history["samples_per_sec"][i],
                     "seconds": history["seconds"][i],
                 }
@@ -298,7 +295,7 @@ def _test_set(vae: VAE, data: str | None) -> tuple[NDArray[np.float32], NDArray[
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import images
+    from . import pictures
     from .datasets import binarize, load_mnist
     from .model import VAE
 
@@ -329,7 +326,7 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             threads=args.threads,
         )
-    done = vae.model_.epoch if hasattr(vae, "model_") else 0
+    done = getattr(vae, "epochs_trained_", 0)
     for epoch in range(done + 1, args.epochs + 1):
         t0 = time.perf_counter()
         vae.fit(
@@ -350,10 +347,10 @@ def _train(args: argparse.Namespace) -> int:
             f"({time.perf_counter() - t0:.1f} s)",
             flush=True,
         )
-    if not hasattr(vae, "model_"):
+    if not hasattr(vae, "epochs_trained_"):
         raise FastVAEError("nothing to do: --epochs is not above the epochs already trained")
 
-    names = images.write_pictures(vae, x_test, y_test, out, seed=args.seed)
+    names = pictures.write_pictures(vae, x_test, y_test, out, seed=args.seed)
     test_loss = -float(vae.elbo(x_eval).mean())
     which = "fixed binarized test set" if dynamic else "test set"
     print(f"test loss (BCE + KL per example, {which}): {test_loss:.2f} nats")
@@ -389,8 +386,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .datasets import binarize
 
     vae = _load_model(args.model, args.threads)
+    mode = args.binarize or getattr(vae, "fit_params_", {}).get("binarize") or "none"
     x, _ = _test_set(vae, args.data)
-    if args.binarize == "fixed":
+    if mode == "dynamic":
         x = binarize(x)
     if args.limit is not None:
         x = x[: args.limit]
@@ -407,7 +405,7 @@ def _eval(args: argparse.Namespace) -> int:
         result = {
             "model": args.model,
             "examples": len(x),
-            "binarize": args.binarize,
+            "binarize": mode,
             "seed": args.seed,
             "elbo": elbo,
             "elbo_stderr": elbo_sem,
@@ -421,9 +419,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     arch = "-".join(str(d) for d in (vae.input_dim, *vae.hidden_dims, vae.latent_dim))
-    epochs = vae.model_.epoch
-    print(f"model     {args.model}: {arch} {vae.activation}, {epochs} epochs trained")
-    data = "fixed binarization" if args.binarize == "fixed" else "grayscale"
+    print(f"model     {args.model}: {arch} {vae.activation}, {vae.epochs_trained_} epochs trained")
+    data = "fixed binarization" if mode == "dynamic" else "grayscale"
     print(f"data      MNIST test set, {len(x):,} images ({data})")
     print(
         f"ELBO      {elbo:.2f} nats per image (+/- {elbo_sem:.2f} std. error; loss "
@@ -451,13 +448,13 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from . import images
+    from . import pictures
 
     vae = _load_model(args.model, args.threads)
     out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     x, y = _test_set(vae, args.data)
-    names = images.write_pictures(vae, x, y, out, seed=args.seed)
+    names = pictures.write_pictures(vae, x, y, out, seed=args.seed)
     print(f"wrote pictures in {out}/:")
     print("  " + "  ".join(names))
     return 0

@@ -19,13 +19,12 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from .errors import ConfigError, InputError
+from .checkpoint import empty_history, from_metadata, to_metadata
+from .errors import CheckpointError, ConfigError, InputError
 
 __all__ = ["VAE"]
 
 _MAX_WIDTH = _core.MAX_WIDTH
-# Per-epoch records in `history_`.
-HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "samples_per_sec", "seconds")
 
 _PARAM_NAMES = ("input_dim", "hidden_dims", "latent_dim", "activation", "seed", "threads")
 # Target seconds per call into the core while training: short enough that Ctrl-C and the
@@ -198,15 +197,27 @@ class VAE:
             self._adopt(_core.Model(*self._checked_config()))
         return self.model_
 
-    def _adopt(self, model: _core.Model) -> None:
-        """Make `model` this VAE's fitted state, with an empty history."""
+    def _adopt(self, model: _core.Model, history: dict[str, list[Any]] | None = None) -> None:
+        """Make `model` this VAE's fitted state, with `history` (by default an empty one)."""
         self.model_ = model
-        self.history_: dict[str, list[Any]] = {k: [] for k in HISTORY_KEYS}
+        self.history_: dict[str, list[Any]] = empty_history() if history is None else history
 
     def _fitted(self) -> _core.Model:
         if not hasattr(self, "model_"):
             raise ConfigError("this VAE has no weights yet: call fit() or VAE.load() first")
         return self.model_
+
+    @property
+    def epochs_trained_(self) -> int:
+        """Training epochs the model has completed, counting those before it was saved.
+
+        Raises AttributeError while there are no weights, as scikit-learn's fitted attributes
+        do, so ``hasattr(vae, "epochs_trained_")`` tells a fitted model from an unfitted one.
+        """
+        with self._lock:
+            if not hasattr(self, "model_"):
+                raise AttributeError("this VAE has no weights yet: call fit() or VAE.load() first")
+            return self.model_.epoch
 
     def _dataset(self, x: Any, name: str = "x") -> _core.Dataset:
         input_dim = _positive_int("input_dim", self.input_dim, _MAX_WIDTH)
@@ -490,17 +501,34 @@ class VAE:
         The configuration, fastvae's version and a format version go in the metadata; with
         ``include_optimizer`` the Adam state and counters too, so training can resume.
         """
-        from .checkpoint import save
-
         with self._lock:
-            save(self, path, include_optimizer)
+            model = self._fitted()
+            if not isinstance(include_optimizer, bool):
+                raise TypeError("include_optimizer must be True or False")
+            history = getattr(self, "history_", empty_history())
+            extra = to_metadata(history, getattr(self, "fit_params_", None))
+            model.save(os.fspath(path), include_optimizer, extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], threads: int | None = None) -> VAE:
         """Read a model written by ``save``; raises CheckpointError on any defect."""
-        from .checkpoint import load
-
-        return load(cls, path, threads)
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no model file at {path!r}")
+        # Built first for its thread count (the argument, else the environment or every core);
+        # the architecture then comes from the file.
+        vae = cls(threads=threads)
+        model, extra, _ = _core.Model.load(path, vae._checked_config()[-1])
+        vae.input_dim, hidden, vae.latent_dim, vae.activation, vae.seed = model.config
+        vae.hidden_dims = tuple(hidden)
+        try:
+            history, fit_params = from_metadata(extra)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        vae._adopt(model, history)
+        if fit_params is not None:
+            vae.fit_params_ = fit_params
+        return vae
 
 
 class _MappedRows:
