@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from fastvae.datasets import idx, load_idx_dataset, load_mnist, read_idx
 from fastvae.datasets import mnist as mnist_module
-from fastvae.errors import DataError
+from fastvae.errors import DataError, InputError
 
 FILE_NAMES = [
     "train-images-idx3-ubyte",
@@ -811,3 +811,35 @@ def test_download_refuses_when_directory_cannot_be_created(
     blocker.write_bytes(b"")
     with pytest.raises(DataError, match="cannot create data directory"):
         load_mnist("test", root=blocker / "sub")
+
+
+# ---------------------------------------------------------------------------
+# binarize: the fixed Bernoulli draw models trained with dynamic binarization are scored on
+# ---------------------------------------------------------------------------
+
+
+def test_binarize_is_a_fixed_bernoulli_draw() -> None:
+    from fastvae.datasets import binarize
+
+    rng = np.random.default_rng(0)
+    p = rng.random((400, 250)).astype(np.float32)
+    p[:, 0], p[:, 1] = 0.0, 1.0
+    b = binarize(p)
+    assert b.dtype == np.float32 and b.shape == p.shape
+    assert set(np.unique(b)) <= {0.0, 1.0}
+    assert np.all(b[:, 0] == 0.0) and np.all(b[:, 1] == 1.0)
+    # Same seed, same draw (float64 input too); another seed, another draw.
+    np.testing.assert_array_equal(binarize(p.astype(np.float64)), b)
+    assert not np.array_equal(binarize(p, seed=1), b)
+    # Bernoulli(p): per-pixel frequencies over 400 rows track p within a few standard errors.
+    q = rng.random(250).astype(np.float32)
+    draws = binarize(np.tile(q, (4000, 1)))
+    se = np.sqrt(q * (1 - q) / 4000) + 1e-3
+    assert np.all(np.abs(draws.mean(axis=0) - q) < 5 * se)
+    # Shapes other than 2-D keep their shape.
+    assert binarize(p[0]).shape == (250,)
+    assert binarize(np.zeros((0, 3), np.float32)).shape == (0, 3)
+    with pytest.raises(InputError, match=r"x\[3, 7\] is 1.5, outside \[0, 1\]"):
+        bad = p.copy()
+        bad[3, 7] = 1.5
+        binarize(bad)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from . import __version__
+from . import __version__, _core
 from ._files import atomic_write
 from .errors import DataError, FastVAEError
 
@@ -126,18 +126,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_data(t)
     t.add_argument("--out", metavar="DIR", default="fastvae-run", help="output directory")
-    t.add_argument("--epochs", type=_positive(int), default=10, help="total epochs to train")
+    t.add_argument(
+        "--epochs",
+        type=_positive(int),
+        default=_core.DEFAULT_EPOCHS,
+        help="total epochs to train",
+    )
     t.add_argument(
         "--batch-size",
         type=_positive(int),
         default=None,
-        help="rows per Adam step (default: 128, or the resumed run's)",
+        help=f"rows per Adam step (default: {_core.DEFAULT_BATCH_SIZE}, or the resumed run's)",
     )
     t.add_argument(
         "--lr",
         type=_positive(float),
         default=None,
-        help="Adam learning rate (default: 0.001, or the resumed run's)",
+        help=f"Adam learning rate (default: {_core.DEFAULT_LR:g}, or the resumed run's)",
     )
     t.add_argument(
         "--hidden-dims",
@@ -147,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--latent-dim", type=_positive(int), default=20, help="latent width Z")
     t.add_argument(
-        "--activation", choices=("relu", "tanh"), default="relu", help="hidden nonlinearity"
+        "--activation", choices=_core.ACTIVATIONS, default="relu", help="hidden nonlinearity"
     )
     t.add_argument(
         "--binarize",
@@ -311,8 +316,8 @@ def _train(args: argparse.Namespace) -> int:
         vae = VAE.load(model_path, threads=args.threads)
         saved = getattr(vae, "fit_params_", {})
         print(f"resuming {model_path} at epoch {len(vae.history_['epoch'])}", file=sys.stderr)
-    batch_size = args.batch_size or saved.get("batch_size", 128)
-    lr = args.lr or saved.get("lr", 1e-3)
+    batch_size = args.batch_size or saved.get("batch_size", _core.DEFAULT_BATCH_SIZE)
+    lr = args.lr or saved.get("lr", _core.DEFAULT_LR)
     mode = args.binarize or saved.get("binarize") or "none"
     dynamic = mode == "dynamic"
     # Dynamic binarization is scored on one fixed Bernoulli draw of the test set.
@@ -373,7 +378,7 @@ def _log_likelihood(
     the time per image; the probe's results are the final ones when it covered every image.
     """
     n = len(x)
-    probe = min(n, max(1, 16384 // k))
+    probe = min(n, max(1, _core.LOG_LIKELIHOOD_CALL_ROWS // 4 // k))
     t0 = time.perf_counter()
     head = vae.log_likelihood(x[:probe], k=k, seed=seed)
     if probe == n:
