@@ -677,6 +677,13 @@ unsafe fn multiply(
 mod tests {
     use super::*;
     use crate::layers::tests::pseudo;
+    use std::io::Write;
+
+    /// Say on stderr that a test did not run, and why. libtest captures `eprintln!` in tests
+    /// that pass, but not writes to the stderr handle.
+    fn skipped(test: &str, why: &str) {
+        let _ = writeln!(std::io::stderr(), "note: {test} skipped: {why}");
+    }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -684,6 +691,10 @@ mod tests {
         if !(std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw"))
         {
+            skipped(
+                "amx::tests::transpose16_transposes",
+                "this CPU has no AVX-512F and BW",
+            );
             return;
         }
         use std::arch::x86_64::*;
@@ -714,7 +725,12 @@ mod tests {
     #[test]
     fn matches_float64_reference() {
         if !available() {
-            eprintln!("no AMX here: skipped");
+            let why = if std::env::var("FASTVAE_AMX").is_ok_and(|v| v == "0") {
+                "FASTVAE_AMX=0 turns AMX off"
+            } else {
+                "this CPU (or kernel) has no AMX"
+            };
+            skipped("amx::tests::matches_float64_reference", why);
             return;
         }
         for &(m, k, n) in &[
