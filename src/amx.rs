@@ -687,6 +687,7 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
+    #[cfg_attr(miri, ignore = "AVX-512 intrinsics, and Miri detects no AVX-512")]
     fn transpose16_transposes() {
         if !(std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw"))
@@ -723,6 +724,7 @@ mod tests {
     /// Every layout and ragged sizes, against a float64 reference: the error, relative to
     /// sum |a b| per element, stays at float32 rounding.
     #[test]
+    #[cfg_attr(miri, ignore = "AMX detection runs cpuid and a syscall as inline asm")]
     fn matches_float64_reference() {
         if !available() {
             let why = if std::env::var("FASTVAE_AMX").is_ok_and(|v| v == "0") {

@@ -138,6 +138,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "200,001 evaluations: over two minutes under Miri")]
     fn exp_matches_libm() {
         let mut worst = 0.0f64;
         for i in 0..=200_000 {
@@ -153,6 +154,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "200,001 evaluations: a minute and a half under Miri")]
     fn log1p_matches_libm() {
         let mut worst = 0.0f64;
         for i in 0..=200_000 {
