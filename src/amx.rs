@@ -27,6 +27,9 @@
 
 // The kernels take their dims explicitly and index the three parts' lane blocks by position.
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+// Each unsafe operation, inside unsafe functions too, sits in a block that says why it is sound.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -52,7 +55,10 @@ fn detect() -> bool {
     // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): ask for the tile data state for the
     // whole process (Linux 5.16 on); any error means no AMX.
     let ret: i64;
-    // SAFETY: a plain system call with integer arguments; rcx and r11 are clobbered by it.
+    // SAFETY: arch_prctl takes integers here (a code and a feature number, no pointer) and
+    // only changes which xsave features the kernel lets this process use; it reads and writes
+    // none of our memory or stack, and the registers the instruction overwrites (rax with the
+    // result, rcx, r11) are declared.
     unsafe {
         std::arch::asm!(
             "syscall",
@@ -93,7 +99,9 @@ fn lines(buf: &mut Vec<Line>, tiles: usize) -> &mut [u16] {
     if buf.len() < need {
         buf.resize(need, Line([0; 32]));
     }
-    // SAFETY: Line is 32 u16 with no padding; the slice covers `need` of the vector's lines.
+    // SAFETY: a Line is exactly 32 initialized u16 (64 bytes, no padding) and aligned for
+    // u16; the vector holds at least `need` lines, and the slice reborrows it mutably for as
+    // long as the slice lives, so nothing else reads or writes them meanwhile.
     unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u16>(), need * 32) }
 }
 
@@ -115,8 +123,14 @@ pub fn supports(a: &View, b: &View) -> bool {
 /// dst (m, n) = a (m, k) b (k, n); dst element (i, j) at `dst + i * drs + j * dcs`.
 ///
 /// # Safety
-/// `available()` must be true and `supports(a, b)`; every element the views and dst address
-/// must be valid, and no other thread may touch dst's elements meanwhile.
+/// - `available()` must have returned true: the CPU has AMX-TILE, AMX-BF16, AVX-512F and
+///   AVX-512BW, and the kernel granted this process the tile state.
+/// - `supports(a, b)`, `b.rows == a.cols`, and m, k and n are at least 1.
+/// - Every element (i, j) of a and of b, i < rows and j < cols at their strides, must be
+///   valid for reads, and every element (i, j) of dst, i < m and j < n, valid for reads
+///   and writes.
+/// - dst's elements must not overlap a's or b's, and until the call returns no other thread
+///   may access dst's elements or write a's or b's.
 pub unsafe fn gemm(dst: *mut f32, drs: isize, dcs: isize, a: View, b: View) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     debug_assert_eq!(b.rows, k);
@@ -125,22 +139,30 @@ pub unsafe fn gemm(dst: *mut f32, drs: isize, dcs: isize, a: View, b: View) {
         let mut packs = packs.borrow_mut();
         let (pa, pb) = &mut *packs;
         let pa = lines(pa, mb * kc * 3);
-        pack_a(pa, a);
+        // SAFETY: `available()` means AVX-512F and BW; a is readable and has a unit stride
+        // (the caller's word); pa is 64-byte aligned (made of Lines), and its length is checked.
+        unsafe { pack_a(pa, a) };
         // B a panel of two column blocks at a time, packed just before its products: as fast
         // as packing it whole (measured), with a buffer of one panel.
         let pb = lines(pb, 2 * kc * 3);
         for j0 in (0..nb).step_by(2).map(|jb| jb * 16) {
             let w = (n - j0).min(32);
-            let panel = View {
-                ptr: b.ptr.offset(j0 as isize * b.cs),
-                cols: w,
-                ..b
-            };
-            pack_b(pb, panel);
+            // SAFETY: j0 < n and k >= 1, so this is element (0, j0) of b, inside its allocation.
+            let ptr = unsafe { b.ptr.offset(j0 as isize * b.cs) };
+            let panel = View { ptr, cols: w, ..b };
+            // SAFETY: as for pack_a; the panel is columns j0..j0 + w of b, so readable.
+            unsafe { pack_b(pb, panel) };
             if w <= 16 {
                 pb[kc * 3 * TILE_U16..].fill(0);
             }
-            multiply(dst.offset(j0 as isize * dcs), drs, dcs, pa, pb, m, w, kc);
+            // SAFETY: element (0, j0) of dst, as above. The tile state is granted; pa holds
+            // all mb row blocks and pb the panel's two column blocks (the second zeroed when
+            // the panel is one block wide), kc chunks each; columns j0..j0 + w of dst are
+            // writable and ours alone (the caller's word).
+            unsafe {
+                let d = dst.offset(j0 as isize * dcs);
+                multiply(d, drs, dcs, pa, pb, m, w, kc);
+            }
         }
     });
 }
@@ -149,7 +171,7 @@ pub unsafe fn gemm(dst: *mut f32, drs: isize, dcs: isize, a: View, b: View) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn split3(x: std::arch::x86_64::__m512) -> [std::arch::x86_64::__m512i; 3] {
+fn split3(x: std::arch::x86_64::__m512) -> [std::arch::x86_64::__m512i; 3] {
     use std::arch::x86_64::*;
     let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     let hi = _mm512_and_si512(_mm512_castps_si512(x), high);
@@ -164,7 +186,7 @@ unsafe fn split3(x: std::arch::x86_64::__m512) -> [std::arch::x86_64::__m512i; 3
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn pairs(
+fn pairs(
     p0: std::arch::x86_64::__m512i,
     p1: std::arch::x86_64::__m512i,
 ) -> std::arch::x86_64::__m512i {
@@ -173,15 +195,22 @@ unsafe fn pairs(
 }
 
 /// Load up to 16 floats from a unit-stride run of `len`, zeros past it.
+///
+/// # Safety
+/// The CPU must have AVX-512F and BW, and the first min(len, 16) floats at p must be valid
+/// for reads.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 unsafe fn load16(p: *const f32, len: usize) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     if len >= 16 {
-        _mm512_loadu_ps(p)
+        // SAFETY: 16 readable floats at p (the caller's word); loadu needs no alignment.
+        unsafe { _mm512_loadu_ps(p) }
     } else {
-        _mm512_maskz_loadu_ps(((1u32 << len) - 1) as u16, p)
+        // SAFETY: the mask enables the first len lanes only, and a masked load does not
+        // access the memory of lanes it leaves off.
+        unsafe { _mm512_maskz_loadu_ps(((1u32 << len) - 1) as u16, p) }
     }
 }
 
@@ -189,7 +218,7 @@ unsafe fn load16(p: *const f32, len: usize) -> std::arch::x86_64::__m512 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512i; 16]) {
+fn transpose16(r: &mut [std::arch::x86_64::__m512i; 16]) {
     use std::arch::x86_64::*;
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
@@ -221,13 +250,19 @@ unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512i; 16]) {
 }
 
 /// Store row r (64 bytes) of each part's tile at `o`.
+///
+/// # Safety
+/// The CPU must have AVX-512F and BW; r < 16, and o must be 64-byte aligned and start three
+/// tiles (3 * TILE_U16 u16) valid for writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 unsafe fn put3(o: *mut u16, r: usize, v: [std::arch::x86_64::__m512i; 3]) {
     use std::arch::x86_64::*;
     for (part, v) in v.into_iter().enumerate() {
-        _mm512_store_si512(o.add(part * TILE_U16 + r * 32).cast(), v);
+        // SAFETY: row r of tile `part` lies within the three tiles at o, and starts a
+        // multiple of 32 u16 (64 bytes) past it, so the aligned store is aligned.
+        unsafe { _mm512_store_si512(o.add(part * TILE_U16 + r * 32).cast(), v) };
     }
 }
 
@@ -235,7 +270,7 @@ unsafe fn put3(o: *mut u16, r: usize, v: [std::arch::x86_64::__m512i; 3]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn narrow32(
+fn narrow32(
     x0: std::arch::x86_64::__m512,
     x1: std::arch::x86_64::__m512,
 ) -> [std::arch::x86_64::__m512i; 3] {
@@ -250,7 +285,11 @@ unsafe fn narrow32(
     out
 }
 
-/// Two runs of 16 floats (either may be absent: zeros) as 16 pairs per part.
+/// Two runs of up to 16 floats (either may be absent: zeros) as 16 pairs per part.
+///
+/// # Safety
+/// The CPU must have AVX-512F and BW, and each run given must have min(len, 16) floats valid
+/// for reads.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
@@ -261,8 +300,10 @@ unsafe fn pair_runs(
 ) -> [std::arch::x86_64::__m512i; 3] {
     use std::arch::x86_64::*;
     let zero = _mm512_setzero_ps();
-    let s0 = split3(p0.map_or(zero, |p| load16(p, len)));
-    let s1 = split3(p1.map_or(zero, |p| load16(p, len)));
+    // SAFETY: the caller's word, for each run given.
+    let s0 = split3(p0.map_or(zero, |p| unsafe { load16(p, len) }));
+    // SAFETY: as above.
+    let s1 = split3(p1.map_or(zero, |p| unsafe { load16(p, len) }));
     [
         pairs(s0[0], s1[0]),
         pairs(s0[1], s1[1]),
@@ -271,6 +312,9 @@ unsafe fn pair_runs(
 }
 
 /// Transpose the three parts' 16 x 16 lane blocks and store them as tiles at `o`.
+///
+/// # Safety
+/// As `put3`: AVX-512F and BW, and o 64-byte aligned at three tiles valid for writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
@@ -279,13 +323,18 @@ unsafe fn put_transposed(o: *mut u16, blocks: &mut [[std::arch::x86_64::__m512i;
     for (part, block) in blocks.iter_mut().enumerate() {
         transpose16(block);
         for (r, v) in block.iter().enumerate() {
-            _mm512_store_si512(o.add(part * TILE_U16 + r * 32).cast(), *v);
+            // SAFETY: as in `put3`, r < 16.
+            unsafe { _mm512_store_si512(o.add(part * TILE_U16 + r * 32).cast(), *v) };
         }
     }
 }
 
 /// Pack A (m, k) as described in the module notes. Rows and columns past the ends are zeros.
-/// `out` must be 64-byte aligned and hold the packed size.
+///
+/// # Safety
+/// The CPU must have AVX-512F and BW; a must have unit stride along one dimension
+/// (`supports`) and every element (i, j), i < m and j < k, valid for reads; `out` must be
+/// 64-byte aligned (its length is checked).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_a(out: &mut [u16], a: View) {
@@ -297,21 +346,29 @@ unsafe fn pack_a(out: &mut [u16], a: View) {
     for ib in 0..m.div_ceil(16) {
         let mw = (m - ib * 16).min(16);
         for c in 0..kc {
-            let o = out.as_mut_ptr().add((ib * kc + c) * 3 * TILE_U16);
+            // SAFETY: group (ib, c) of three tiles, inside `out` by the assert.
+            let o = unsafe { out.as_mut_ptr().add((ib * kc + c) * 3 * TILE_U16) };
             let k0 = c * 32;
             let kw = (k - k0).min(32);
             if a.cs == 1 {
                 for r in 0..16 {
                     if r < mw {
-                        let p = a.ptr.offset((ib * 16 + r) as isize * a.rs + k0 as isize);
-                        let x1 = if kw > 16 {
-                            load16(p.add(16), kw - 16)
-                        } else {
-                            _mm512_setzero_ps()
-                        };
-                        put3(o, r, narrow32(load16(p, kw), x1));
+                        // SAFETY: row ib * 16 + r < m of a, from column k0 < k: a run of kw
+                        // readable floats at unit stride, the second 16 of them from p + 16
+                        // when kw > 16. o starts three tiles at a multiple of 3 * TILE_U16
+                        // u16 into 64-byte aligned `out`, so it is aligned too; r < 16.
+                        unsafe {
+                            let p = a.ptr.offset((ib * 16 + r) as isize * a.rs + k0 as isize);
+                            let x1 = if kw > 16 {
+                                load16(p.add(16), kw - 16)
+                            } else {
+                                _mm512_setzero_ps()
+                            };
+                            put3(o, r, narrow32(load16(p, kw), x1));
+                        }
                     } else {
-                        put3(o, r, zero);
+                        // SAFETY: o as above, r < 16.
+                        unsafe { put3(o, r, zero) };
                     }
                 }
             } else {
@@ -320,21 +377,29 @@ unsafe fn pack_a(out: &mut [u16], a: View) {
                 let mut blocks = [[_mm512_setzero_si512(); 16]; 3];
                 for p in 0..16 {
                     let col = |j: usize| {
-                        (j < k).then(|| a.ptr.offset(j as isize * a.cs + (ib * 16) as isize))
+                        // SAFETY: for j < k only: element (ib * 16, j) of a.
+                        (j < k).then(|| unsafe {
+                            a.ptr.offset(j as isize * a.cs + (ib * 16) as isize)
+                        })
                     };
-                    let v = pair_runs(col(k0 + 2 * p), col(k0 + 2 * p + 1), mw);
+                    // SAFETY: `supports` and cs != 1 leave rs == 1, so each column given
+                    // has rows ib * 16 .. ib * 16 + mw, all < m, at unit stride.
+                    let v = unsafe { pair_runs(col(k0 + 2 * p), col(k0 + 2 * p + 1), mw) };
                     for part in 0..3 {
                         blocks[part][p] = v[part];
                     }
                 }
-                put_transposed(o, &mut blocks);
+                // SAFETY: o as above.
+                unsafe { put_transposed(o, &mut blocks) };
             }
         }
     }
 }
 
 /// Pack B (k, n) as described in the module notes. Rows and columns past the ends are zeros.
-/// `out` must be 64-byte aligned and hold the packed size.
+///
+/// # Safety
+/// As `pack_a`, for b (k, n).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_b(out: &mut [u16], b: View) {
@@ -346,13 +411,20 @@ unsafe fn pack_b(out: &mut [u16], b: View) {
         let j0 = jb * 16;
         let nw = (n - j0).min(16);
         for c in 0..kc {
-            let o = out.as_mut_ptr().add((jb * kc + c) * 3 * TILE_U16);
+            // SAFETY: group (jb, c) of three tiles, inside `out` by the assert.
+            let o = unsafe { out.as_mut_ptr().add((jb * kc + c) * 3 * TILE_U16) };
             let k0 = c * 32;
             if b.cs == 1 {
                 // Tile row p: rows 2p and 2p + 1 of B across the 16 columns, paired by lane.
-                let row = |i: usize| (i < k).then(|| b.ptr.offset(i as isize * b.rs + j0 as isize));
+                let row = |i: usize| {
+                    // SAFETY: for i < k only: element (i, j0) of b.
+                    (i < k).then(|| unsafe { b.ptr.offset(i as isize * b.rs + j0 as isize) })
+                };
                 for p in 0..16 {
-                    put3(o, p, pair_runs(row(k0 + 2 * p), row(k0 + 2 * p + 1), nw));
+                    // SAFETY: each row given has columns j0 .. j0 + nw, all < n, at unit
+                    // stride. o starts three tiles at a multiple of 3 * TILE_U16 u16 into
+                    // 64-byte aligned `out`, so it is aligned too; p < 16.
+                    unsafe { put3(o, p, pair_runs(row(k0 + 2 * p), row(k0 + 2 * p + 1), nw)) };
                 }
             } else {
                 // Unit stride down each column (rs == 1): its 32 rows narrowed in order are
@@ -360,18 +432,24 @@ unsafe fn pack_b(out: &mut [u16], b: View) {
                 let kw = (k - k0).min(32);
                 let mut blocks = [[_mm512_setzero_si512(); 16]; 3];
                 for jj in 0..nw {
-                    let q = b.ptr.offset((j0 + jj) as isize * b.cs + k0 as isize);
-                    let x1 = if kw > 16 {
-                        load16(q.add(16), kw - 16)
-                    } else {
-                        _mm512_setzero_ps()
+                    // SAFETY: `supports` and cs != 1 leave rs == 1, so column j0 + jj < n
+                    // from row k0 < k is a run of kw readable floats at unit stride, the
+                    // second 16 of them from q + 16 when kw > 16.
+                    let v = unsafe {
+                        let q = b.ptr.offset((j0 + jj) as isize * b.cs + k0 as isize);
+                        let x1 = if kw > 16 {
+                            load16(q.add(16), kw - 16)
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                        narrow32(load16(q, kw), x1)
                     };
-                    let v = narrow32(load16(q, kw), x1);
                     for part in 0..3 {
                         blocks[part][jj] = v[part];
                     }
                 }
-                put_transposed(o, &mut blocks);
+                // SAFETY: o as above.
+                unsafe { put_transposed(o, &mut blocks) };
             }
         }
     }
@@ -391,6 +469,20 @@ struct TileConfig {
 }
 
 /// dst = A B from the packs, by pairs of 16-column blocks down all row blocks.
+///
+/// The tile registers carry sums from one `asm!` block to the next. The compiler allocates
+/// no tile registers of its own (nothing here uses AMX intrinsics), so nothing else writes
+/// them in between; Rust's rules for inline assembly do not promise that for registers a
+/// block does not name, and tile registers can only be named as clobbers, so this rests on
+/// how the compiler works rather than on a guarantee.
+///
+/// # Safety
+/// `available()` must have returned true (AVX-512F and BW, and the tile state granted). pa
+/// must hold m.div_ceil(16) row blocks and pb n.div_ceil(32) pairs of column blocks, each of
+/// kc chunks of three tiles, packed by `pack_a` and `pack_b` (their lengths are checked).
+/// Every element (i, j) of dst, i < m and j < n, must be valid for reads and writes,
+/// outside pa and pb, and accessed by nothing else until the call returns (whole tiles are
+/// summed in dst, read back after this call has stored them).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn multiply(
@@ -404,6 +496,10 @@ unsafe fn multiply(
     kc: usize,
 ) {
     use std::arch::asm;
+    let (mb, nb) = (m.div_ceil(16), n.div_ceil(16));
+    let stride = 64usize;
+    let block = kc * 3 * TILE_U16;
+    assert!(pa.len() >= mb * block && pb.len() >= nb.div_ceil(2) * 2 * block);
     let mut config = TileConfig {
         palette: 1,
         start_row: 0,
@@ -413,51 +509,56 @@ unsafe fn multiply(
     };
     config.colsb[..8].fill(64);
     config.rows[..8].fill(16);
-    asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
+    // SAFETY: the tile state is granted (the caller's word), and config is a valid palette 1
+    // configuration (eight tiles of 16 rows of 64 bytes), 64 readable bytes.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
     // Edge tiles pass through here; whole ones never do, so it is left unfilled.
     #[repr(C, align(64))]
     struct Out([f32; 512]);
     let mut out = std::mem::MaybeUninit::<Out>::uninit();
     let out = out.as_mut_ptr().cast::<f32>();
-    let (mb, nb) = (m.div_ceil(16), n.div_ceil(16));
-    let stride = 64usize;
-    let block = kc * 3 * TILE_U16;
     // Chunks [c0, c1) of row block ib into tmm0 (column block jb) and tmm1 (jb + 1).
     let chunks = |ib: usize, jb: usize, cs: std::ops::Range<usize>| {
         for c in cs {
-            let a = pa.as_ptr().add(ib * block + c * 3 * TILE_U16);
-            let b0 = pb.as_ptr().add(jb * block + c * 3 * TILE_U16);
-            let b1 = b0.add(block);
-            // tmm2-4: A's hi, mid, lo; tmm5-7: B's parts in turn. The six part products
-            // into tmm0 and tmm1, interleaved.
-            asm!(
-                "tileloadd tmm2, [{a} + {s}*1]",
-                "tileloadd tmm5, [{b0} + {s}*1]",
-                "tileloadd tmm6, [{b1} + {s}*1]",
-                "tileloadd tmm7, [{b0} + {s}*1 + 1024]",
-                "tileloadd tmm3, [{a} + {s}*1 + 1024]",
-                "tileloadd tmm4, [{a} + {s}*1 + 2048]",
-                "tdpbf16ps tmm0, tmm2, tmm5",
-                "tdpbf16ps tmm1, tmm2, tmm6",
-                "tdpbf16ps tmm0, tmm2, tmm7",
-                "tdpbf16ps tmm0, tmm3, tmm5",
-                "tdpbf16ps tmm1, tmm3, tmm6",
-                "tdpbf16ps tmm0, tmm3, tmm7",
-                "tileloadd tmm7, [{b1} + {s}*1 + 1024]",
-                "tdpbf16ps tmm0, tmm4, tmm5",
-                "tileloadd tmm5, [{b0} + {s}*1 + 2048]",
-                "tdpbf16ps tmm1, tmm4, tmm6",
-                "tileloadd tmm6, [{b1} + {s}*1 + 2048]",
-                "tdpbf16ps tmm1, tmm2, tmm7",
-                "tdpbf16ps tmm1, tmm3, tmm7",
-                "tdpbf16ps tmm0, tmm2, tmm5",
-                "tdpbf16ps tmm1, tmm2, tmm6",
-                a = in(reg) a,
-                b0 = in(reg) b0,
-                b1 = in(reg) b1,
-                s = in(reg) stride,
-                options(nostack, readonly),
-            );
+            // SAFETY: ib < mb, jb + 1 < nb rounded up to even, and c < kc, so a is chunk c of
+            // row block ib in pa, and b0 and b1 chunk c of column blocks jb and jb + 1 in pb
+            // (by the assert); each tileloadd reads one tile there, 16 rows of 64 bytes at
+            // stride 64, and tdpbf16ps touches only tile registers.
+            unsafe {
+                let a = pa.as_ptr().add(ib * block + c * 3 * TILE_U16);
+                let b0 = pb.as_ptr().add(jb * block + c * 3 * TILE_U16);
+                let b1 = b0.add(block);
+                // tmm2-4: A's hi, mid, lo; tmm5-7: B's parts in turn. The six part products
+                // into tmm0 and tmm1, interleaved.
+                asm!(
+                    "tileloadd tmm2, [{a} + {s}*1]",
+                    "tileloadd tmm5, [{b0} + {s}*1]",
+                    "tileloadd tmm6, [{b1} + {s}*1]",
+                    "tileloadd tmm7, [{b0} + {s}*1 + 1024]",
+                    "tileloadd tmm3, [{a} + {s}*1 + 1024]",
+                    "tileloadd tmm4, [{a} + {s}*1 + 2048]",
+                    "tdpbf16ps tmm0, tmm2, tmm5",
+                    "tdpbf16ps tmm1, tmm2, tmm6",
+                    "tdpbf16ps tmm0, tmm2, tmm7",
+                    "tdpbf16ps tmm0, tmm3, tmm5",
+                    "tdpbf16ps tmm1, tmm3, tmm6",
+                    "tdpbf16ps tmm0, tmm3, tmm7",
+                    "tileloadd tmm7, [{b1} + {s}*1 + 1024]",
+                    "tdpbf16ps tmm0, tmm4, tmm5",
+                    "tileloadd tmm5, [{b0} + {s}*1 + 2048]",
+                    "tdpbf16ps tmm1, tmm4, tmm6",
+                    "tileloadd tmm6, [{b1} + {s}*1 + 2048]",
+                    "tdpbf16ps tmm1, tmm2, tmm7",
+                    "tdpbf16ps tmm1, tmm3, tmm7",
+                    "tdpbf16ps tmm0, tmm2, tmm5",
+                    "tdpbf16ps tmm1, tmm2, tmm6",
+                    a = in(reg) a,
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b1,
+                    s = in(reg) stride,
+                    options(nostack, readonly),
+                );
+            }
         }
     };
     for jb in (0..nb).step_by(2) {
@@ -467,46 +568,57 @@ unsafe fn multiply(
         let whole_cols = dcs == 1 && n - jb * 16 >= 32;
         for k0 in (0..kc).step_by(KB) {
             for ib in 0..mb {
-                let d = dst.offset((ib * 16) as isize * drs + (jb * 16) as isize);
                 if whole_cols && m - ib * 16 >= 16 {
-                    if k0 == 0 {
-                        asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-                    } else {
+                    // SAFETY: rows ib * 16 .. ib * 16 + 16 <= m and columns jb * 16 ..
+                    // jb * 16 + 32 <= n of dst, with dcs == 1 so each row's 32 floats are
+                    // contiguous: d and d + 16 start two tiles of 16 rows of 64 bytes at a
+                    // stride of drs floats, loaded once this call has stored them (k0 > 0).
+                    unsafe {
+                        let d = dst.offset((ib * 16) as isize * drs + (jb * 16) as isize);
+                        if k0 == 0 {
+                            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+                        } else {
+                            asm!(
+                                "tileloadd tmm0, [{d} + {s}*1]",
+                                "tileloadd tmm1, [{d1} + {s}*1]",
+                                d = in(reg) d,
+                                d1 = in(reg) d.add(16),
+                                s = in(reg) drs * 4,
+                                options(nostack, readonly),
+                            );
+                        }
+                        chunks(ib, jb, k0..(k0 + KB).min(kc));
                         asm!(
-                            "tileloadd tmm0, [{d} + {s}*1]",
-                            "tileloadd tmm1, [{d1} + {s}*1]",
+                            "tilestored [{d} + {s}*1], tmm0",
+                            "tilestored [{d1} + {s}*1], tmm1",
                             d = in(reg) d,
                             d1 = in(reg) d.add(16),
                             s = in(reg) drs * 4,
-                            options(nostack, readonly),
+                            options(nostack),
                         );
                     }
-                    chunks(ib, jb, k0..(k0 + KB).min(kc));
-                    asm!(
-                        "tilestored [{d} + {s}*1], tmm0",
-                        "tilestored [{d1} + {s}*1], tmm1",
-                        d = in(reg) d,
-                        d1 = in(reg) d.add(16),
-                        s = in(reg) drs * 4,
-                        options(nostack),
-                    );
                     continue;
                 }
                 if k0 > 0 {
                     continue;
                 }
                 // An edge tile: all chunks at once, then copied out through `out`.
-                asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-                chunks(ib, jb, 0..kc);
-                asm!(
-                    "tilestored [{o} + {s}*1], tmm0",
-                    "tilestored [{o} + {s}*1 + 1024], tmm1",
-                    o = in(reg) out,
-                    s = in(reg) stride,
-                    options(nostack),
-                );
-                // The two tiles just stored fill all 512 floats.
-                let tiles = std::slice::from_raw_parts(out, 512);
+                // SAFETY: out is 2048 bytes, 64-byte aligned, of which each tilestored writes
+                // one half, 16 rows of 64 bytes at stride 64.
+                unsafe {
+                    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+                    chunks(ib, jb, 0..kc);
+                    asm!(
+                        "tilestored [{o} + {s}*1], tmm0",
+                        "tilestored [{o} + {s}*1 + 1024], tmm1",
+                        o = in(reg) out,
+                        s = in(reg) stride,
+                        options(nostack),
+                    );
+                }
+                // SAFETY: the two tiles just stored initialized all 512 floats, and nothing
+                // writes them while this slice lives.
+                let tiles = unsafe { std::slice::from_raw_parts(out, 512) };
                 let rows = (m - ib * 16).min(16);
                 for half in 0..2 {
                     let j0 = (jb + half) * 16;
@@ -516,26 +628,37 @@ unsafe fn multiply(
                     let cols = (n - j0).min(16);
                     for r in 0..rows {
                         let src = &tiles[half * 256 + r * 16..half * 256 + r * 16 + cols];
-                        let d = dst.offset((ib * 16 + r) as isize * drs + j0 as isize * dcs);
-                        for (j, &v) in src.iter().enumerate() {
-                            *d.offset(j as isize * dcs) = v;
+                        // SAFETY: elements (ib * 16 + r, j0 + j) of dst with ib * 16 + r < m
+                        // and j0 + j < n, writable and ours (the caller's word).
+                        unsafe {
+                            let d = dst.offset((ib * 16 + r) as isize * drs + j0 as isize * dcs);
+                            for (j, &v) in src.iter().enumerate() {
+                                *d.offset(j as isize * dcs) = v;
+                            }
                         }
                     }
                 }
             }
         }
     }
-    asm!("tilerelease", options(nostack, nomem));
+    // SAFETY: the tile state is granted; this returns the tiles to their initial state.
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
 }
 
+/// # Safety
+/// Never called: `available` is false off x86-64, and `gemm` requires it.
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn pack_a(_: &mut [u16], _: View) {
     unreachable!("AMX is x86-64 only")
 }
+/// # Safety
+/// Never called, as `pack_a`.
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn pack_b(_: &mut [u16], _: View) {
     unreachable!("AMX is x86-64 only")
 }
+/// # Safety
+/// Never called, as `pack_a`.
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn multiply(
     _: *mut f32,
@@ -554,22 +677,41 @@ unsafe fn multiply(
 mod tests {
     use super::*;
     use crate::layers::tests::pseudo;
+    use std::io::Write;
+
+    /// Say on stderr that a test did not run, and why. libtest captures `eprintln!` in tests
+    /// that pass, but not writes to the stderr handle.
+    fn skipped(test: &str, why: &str) {
+        let _ = writeln!(std::io::stderr(), "note: {test} skipped: {why}");
+    }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
+    #[cfg_attr(miri, ignore = "AVX-512 intrinsics, and Miri detects no AVX-512")]
     fn transpose16_transposes() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
+        if !(std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw"))
+        {
+            skipped(
+                "amx::tests::transpose16_transposes",
+                "this CPU has no AVX-512F and BW",
+            );
             return;
         }
         use std::arch::x86_64::*;
         let src: Vec<i32> = (0..256).collect();
+        // SAFETY: the CPU has AVX-512F (checked above).
         let mut r = [unsafe { _mm512_setzero_si512() }; 16];
         for (i, row) in r.iter_mut().enumerate() {
+            // SAFETY: the CPU has AVX-512F (checked above); src[i * 16..] holds at least the
+            // 16 i32 read, as i < 16; loadu needs no alignment.
             *row = unsafe { _mm512_loadu_si512(src[i * 16..].as_ptr().cast()) };
         }
+        // SAFETY: the CPU has AVX-512F and BW, the features transpose16 is compiled for.
         unsafe { transpose16(&mut r) };
         let mut out = vec![0i32; 256];
         for (i, row) in r.iter().enumerate() {
+            // SAFETY: as the loads above, into out's 16 i32 from i * 16.
             unsafe { _mm512_storeu_si512(out[i * 16..].as_mut_ptr().cast(), *row) };
         }
         for i in 0..16 {
@@ -582,9 +724,15 @@ mod tests {
     /// Every layout and ragged sizes, against a float64 reference: the error, relative to
     /// sum |a b| per element, stays at float32 rounding.
     #[test]
+    #[cfg_attr(miri, ignore = "AMX detection runs cpuid and a syscall as inline asm")]
     fn matches_float64_reference() {
         if !available() {
-            eprintln!("no AMX here: skipped");
+            let why = if std::env::var("FASTVAE_AMX").is_ok_and(|v| v == "0") {
+                "FASTVAE_AMX=0 turns AMX off"
+            } else {
+                "this CPU (or kernel) has no AMX"
+            };
+            skipped("amx::tests::matches_float64_reference", why);
             return;
         }
         for &(m, k, n) in &[
@@ -613,6 +761,9 @@ mod tests {
                         cs: if b_t { k as isize } else { 1 },
                     };
                     let mut c = vec![f32::NAN; m * n];
+                    // SAFETY: AMX is available (checked above); each view is exactly the
+                    // (rows, cols) matrix a or b holds, at unit stride one way, with
+                    // b.rows == a.cols and no side 0; c is a separate buffer of m rows of n.
                     unsafe { gemm(c.as_mut_ptr(), n as isize, 1, av, bv) };
                     let at = |i: usize, p: usize| if a_t { a[p * m + i] } else { a[i * k + p] };
                     let bt = |p: usize, j: usize| if b_t { b[j * k + p] } else { b[p * n + j] };
