@@ -538,6 +538,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "minutes under Miri; tests/gradients.rs checks a small case there"
+    )]
     fn sparse_matches_dense() {
         // Widths below, at and above a block, with a ragged last block, and wide enough for the
         // forward's widest blocks; batches below, at and above PART_ROWS.

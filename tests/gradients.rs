@@ -17,11 +17,11 @@
 // Layer functions take their dims explicitly, as llm.c's do.
 #![allow(clippy::too_many_arguments)]
 
+use fastvae::first_layer::{self, sparse_weight_backward, BatchNonzeros, GradSink};
 use fastvae::layers::{
     activation_backward, bce_logits_forward_backward, bias_activation, bias_backward,
     linear_backward, linear_forward, reparam_kl_backward, reparam_kl_forward,
 };
-use fastvae::sparse::{first_layer_forward, first_layer_weight_grad, BatchColumns, GradSink};
 use fastvae::{Activation, Config, Dataset, Model, Workspace};
 
 /// The difference step (see the module notes); a power of two, so v +- h rounds least.
@@ -137,7 +137,10 @@ fn abs_dot(out: &[f32], r: &[f32]) -> f64 {
 }
 
 #[test]
-#[cfg_attr(miri, ignore = "UB via layers::view's dst pointer (and gemm is slow)")]
+#[cfg_attr(
+    miri,
+    ignore = "minutes under Miri (matmul's small products test runs there)"
+)]
 fn linear_backward_matches_finite_differences() {
     for (b, i, o) in [(2, 5, 3), (4, 7, 6)] {
         let mut inp = pseudo(b * i, 1);
@@ -275,7 +278,7 @@ fn reparam_kl_backward_matches_finite_differences() {
 }
 
 /// The sparse first layer, out = tanh(x wt + bias) from the batch's nonzeros, and its weight
-/// gradient through `first_layer_weight_grad`, on `threads` threads (so in that many parts).
+/// gradient through `first_layer::sparse_weight_backward`, on `threads` threads (so in that many parts).
 fn check_first_layer(b: usize, i: usize, o: usize, threads: usize) {
     let x = sparse_inputs(b, i, 1, 12);
     let mut wt = pseudo(i * o, 14);
@@ -287,19 +290,19 @@ fn check_first_layer(b: usize, i: usize, o: usize, threads: usize) {
         .build()
         .unwrap();
     pool.install(|| {
-        let mut cols = BatchColumns::default();
+        let mut cols = BatchNonzeros::default();
         cols.build(&x, b, i);
         let cols = cols.get().expect("just indexed");
         let forward = |wt: &[f32]| {
             let mut out = vec![0.0; b * o];
-            first_layer_forward(&mut out, &x, Some(cols), wt, &bias, b, i, o, act);
+            first_layer::forward(&mut out, &x, Some(cols), wt, &bias, b, i, o, act);
             out
         };
         let out = forward(&wt);
         let mut dh = r.clone();
         activation_backward(&mut dh, &out, o, act);
         let mut dwt = vec![f32::NAN; i * o];
-        first_layer_weight_grad(GradSink::Store(&mut dwt), cols, &dh, i, o);
+        sparse_weight_backward(GradSink::Store(&mut dwt), cols, &dh, i, o);
         let n = numeric(&mut wt, &all(i * o), H, |w| dot(&forward(w), &r));
         let what = format!("sparse first layer ({b}, {i}, {o}) on {threads} threads dwt");
         check_all(&what, &dwt, &n, abs_dot(&out, &r));
@@ -343,9 +346,11 @@ fn sample(range: std::ops::Range<usize>, salt: usize, count: usize) -> Vec<usize
 fn active(model: &Model, data: &Dataset, eps: &[f32]) -> Vec<bool> {
     let vae = &model.vae;
     let mut ws = Workspace::new(&vae.config, data.n, false);
-    data.copy_rows(&mut ws.x[..data.n * data.d], 0, data.n);
+    data.read_rows(&mut ws.x[..data.n * data.d], 0, data.n);
     ws.eps[..eps.len()].copy_from_slice(eps);
-    model.install(|| vae.forward(&mut ws, data.n, data.sparse));
+    model
+        .install(|| vae.forward(&mut ws, data.n, data.sparse))
+        .expect("the pool runs");
     let last = ws.dec.len() - 1;
     let hidden = ws.enc.iter().chain(&ws.dec[..last]);
     hidden.flat_map(|h| h.iter().map(|&v| v > 0.0)).collect()
