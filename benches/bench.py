@@ -11,6 +11,8 @@ peers run in benches/.venv-peers (create it once with ``benches/setup_peers.sh``
     python benches/bench.py --repeats 3      # 3 interleaved rounds of every system
     python benches/bench.py --grid           # 9-point sweep, 2 epochs each, full data
     python benches/bench.py --grid --quick   # the same sweep on the first 10000 images
+    python benches/bench.py --loaded         # one core kept busy by another process
+    FASTVAE_ISA=avx2 python benches/bench.py # fastvae's AVX2 kernels on an AVX-512 CPU
     python benches/bench.py --systems fastvae,pytorch --threads 1 --no-gemm-peak
 
 The numbers only mean something on an otherwise idle machine.  The script checks: it samples
@@ -324,6 +326,45 @@ def system_command(
     return [str(peer_python), str(BENCHES / script), *common, *extra]
 
 
+def start_hog() -> subprocess.Popen[str]:
+    """Another process that keeps one core busy (--loaded): what a browser, a notebook or a
+    second job does to a training run on a shared machine."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "while True: pass"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def fastvae_paths() -> dict[str, str] | None:
+    """The instruction sets fastvae takes here (its kernels, gemm's, AMX), asked of a fresh
+    interpreter with this environment (FASTVAE_ISA and FASTVAE_AMX included)."""
+    code = "import json, fastvae._core as c; print(json.dumps(c.isa_paths()))"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        )
+        paths: dict[str, str] = json.loads(out.stdout)
+        return paths
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def isa_label(paths: dict[str, str] | None) -> str:
+    """'AMX', 'AVX-512' or 'AVX2' (with gemm's set when it differs), for tables."""
+    if not paths:
+        return "unknown"
+    names = {"avx512": "AVX-512", "avx2": "AVX2", "generic": "SSE2"}
+    if paths.get("amx") == "on":
+        return "AMX"
+    kernels = names.get(paths.get("kernels", ""), "?")
+    gemm = names.get(paths.get("gemm", ""), "?")
+    return kernels if gemm == kernels else f"{kernels} (gemm {gemm})"
+
+
 def _busy_cpu_seconds() -> float | None:
     """CPU seconds all processes spent busy so far (incl. steal), from /proc/stat."""
     try:
@@ -380,6 +421,7 @@ def run_system(
 
     t0 = time.perf_counter()
     busy0, kids0, self0 = _busy_cpu_seconds(), _children_cpu_seconds(), _self_cpu_seconds()
+    hog = start_hog() if settings.get("loaded") else None
     try:
         rc, stderr = run_child(cmd, _child_env(cfg.threads), on_line)
     except KeyboardInterrupt:
@@ -387,6 +429,11 @@ def run_system(
         raise
     except OSError as e:
         rc, stderr = -1, f"could not start {cmd[0]}: {e}"
+    finally:
+        if hog is not None:
+            # Stopped and waited for before the CPU accounting below, so its CPU time counts
+            # as ours and other_load still measures only what else ran.
+            _stop(hog)
     rec["wall_seconds"] = time.perf_counter() - t0
     busy1 = _busy_cpu_seconds()
     rec["other_load"] = None
@@ -572,6 +619,9 @@ def print_table(
     n_train = settings["limit"] or "all"
     print()
     print(f"== {title}: {cfg.describe()} | {n_train} training images x {epochs} epochs")
+    print(f"   CPU: {settings.get('cpu_model') or 'unknown'}; fastvae path: {settings.get('isa')}")
+    if settings.get("loaded"):
+        print("   LOADED: one core kept busy by another process during every run")
     if settings.get("quick"):
         print("   QUICK RUN (reduced data and epochs): a smoke test, not a benchmark result")
     if used.start > 1:
@@ -858,6 +908,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--log-y", action="store_true", help="log-scale y axis in the grid plot")
     add(
+        "--loaded",
+        action="store_true",
+        help="run every system with one core kept busy by another process (a spinning "
+        "Python loop started before and stopped after each run): the shared-machine case",
+    )
+    add(
         "--out",
         default=str(DEFAULT_OUT),
         help="directory for the result files (default: benches/results)",
@@ -943,6 +999,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = resolve_settings(args)
     settings["systems"] = systems
+    settings["loaded"] = bool(args.loaded)
     centre = Config(args.threads, args.batch_size, tuple(args.hidden), args.latent)
     if args.grid:
         points = grid_configs(centre)
@@ -969,6 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     except OSError:
         pass
+    paths = fastvae_paths() if "fastvae" in systems else None
+    settings["cpu_model"], settings["isa"] = cpu_model, isa_label(paths)
     doc: dict[str, Any] = {
         "kind": kind,
         "started": datetime.now().isoformat(timespec="seconds"),
@@ -981,6 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.machine(),
             "cpu_model": cpu_model,
             "cpu_count": os.cpu_count(),
+            "fastvae_isa": isa_label(paths),
+            "fastvae_paths": paths,
             "fastvae": fastvae_version,
             "peers": peer_versions(peer_python) if peers_ok and peers else {},
         },

@@ -38,7 +38,12 @@ use std::sync::OnceLock;
 /// and FASTVAE_AMX is not "0". Decided once per process.
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| std::env::var("FASTVAE_AMX").map_or(true, |v| v != "0") && detect())
+    // The packing runs on AVX-512, so a cap below it (FASTVAE_ISA=avx2) turns AMX off too.
+    *AVAILABLE.get_or_init(|| {
+        std::env::var("FASTVAE_AMX").map_or(true, |v| v != "0")
+            && crate::simd::isa() == crate::simd::Isa::Avx512
+            && detect()
+    })
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]

@@ -110,9 +110,9 @@ const SPARE: usize = 16;
 fn compress_row(row: &[f32], idx: &mut [u32], val: &mut [f32], k: usize) -> usize {
     assert!(idx.len().min(val.len()) >= k + row.len() + SPARE);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (just checked), and the assert above gives idx and val
-        // the room past k that the function's stores need.
+    if crate::simd::isa() == crate::simd::Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512F (`isa` checked it), and the assert above gives idx and
+        // val the room past k that the function's stores need.
         return unsafe { compress_row_avx512(row, idx, val, k) };
     }
     compress_row_scalar(row, 0, idx, val, k)

@@ -253,6 +253,21 @@ unsafe fn product_on_thread(dst: Dst, a: Src, b: Src) {
     }
 }
 
+/// The instruction set the `gemm` crate's kernels use on this CPU: AVX-512 when the build has
+/// the `avx512` feature and the CPU has AVX-512F, else AVX2+FMA where there is FMA.
+pub fn gemm_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cfg!(feature = "avx512") && std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return "avx2";
+        }
+    }
+    "generic"
+}
+
 /// Threads worth using for a product of m * k * n multiply-adds.
 pub fn product_threads(m: usize, k: usize, n: usize) -> usize {
     if m * n * k < MIN_PARALLEL_MACS {

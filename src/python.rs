@@ -598,6 +598,19 @@ fn amx_available() -> bool {
     crate::amx::available()
 }
 
+/// The instruction sets this process runs on: fastvae's own kernels ("avx512", "avx2" or
+/// "generic", capped by FASTVAE_ISA), the gemm crate's, and whether AMX takes the large
+/// products ("on" or "off").
+#[pyfunction]
+fn isa_paths() -> HashMap<&'static str, &'static str> {
+    let amx = if crate::amx::available() { "on" } else { "off" };
+    HashMap::from([
+        ("kernels", crate::simd::isa().name()),
+        ("gemm", crate::matmul::gemm_isa()),
+        ("amx", amx),
+    ])
+}
+
 /// A fixed Bernoulli draw of intensities x (n, d) in [0, 1]: 1.0 with probability x, else
 /// 0.0, keyed by (seed, row); float32 (n, d).
 #[pyfunction]
@@ -641,6 +654,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEpochRun>()?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_function(wrap_pyfunction!(amx_available, m)?)?;
+    m.add_function(wrap_pyfunction!(isa_paths, m)?)?;
     m.add_function(wrap_pyfunction!(binarize, m)?)?;
     m.add("FastVAEError", py.get_type::<FastVAEError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;

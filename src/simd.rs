@@ -35,22 +35,14 @@ macro_rules! dispatch {
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
                     $generic($($arg),*)
                 }
-                // AVX2 and FMA are checked with AVX-512 too: CPUs with AVX-512 have them, but
-                // nothing architectural promises it (a virtual machine may hide them).
-                let has_avx2 = std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma");
-                if has_avx2
-                    && std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("avx512dq")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                {
-                    // SAFETY: the CPU has every feature `avx512` is compiled for, just checked.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if has_avx2 {
-                    // SAFETY: the CPU has AVX2 and FMA, the features `avx2` is compiled for.
-                    return unsafe { avx2($($arg),*) };
+                match $crate::simd::isa() {
+                    // SAFETY: `isa` answers Avx512 only when the CPU has every feature
+                    // `avx512` is compiled for.
+                    $crate::simd::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: `isa` answers Avx2 only when the CPU has AVX2 and FMA, the
+                    // features `avx2` is compiled for.
+                    $crate::simd::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::simd::Isa::Generic => {}
                 }
             }
             $fallback($($arg),*)
@@ -58,6 +50,63 @@ macro_rules! dispatch {
     };
 }
 pub(crate) use dispatch;
+
+/// The instruction sets fastvae's own kernels choose among, widest last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// SSE2 only (or not x86-64): the plain code, without FMA.
+    Generic,
+    /// AVX2 and FMA: 8 lanes.
+    Avx2,
+    /// AVX-512 F, VL, DQ and BW, with AVX2 and FMA: 16 lanes.
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Generic => "generic",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The widest instruction set this CPU has, capped by the `FASTVAE_ISA` environment variable
+/// ("avx2" or "generic"; anything else, or unset, caps nothing): `FASTVAE_ISA=avx2` runs the
+/// AVX2 kernels on a CPU with AVX-512 (and leaves AMX off), to measure what CPUs without it
+/// get. Decided once per process.
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let cap = match std::env::var("FASTVAE_ISA").as_deref() {
+            Ok("generic") => Isa::Generic,
+            Ok("avx2") => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        detect().min(cap)
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Isa {
+    use std::arch::is_x86_feature_detected as has;
+    // AVX2 and FMA are checked with AVX-512 too: CPUs with AVX-512 have them, but nothing
+    // architectural promises it (a virtual machine may hide them).
+    let avx2 = has!("avx2") && has!("fma");
+    if avx2 && has!("avx512f") && has!("avx512vl") && has!("avx512dq") && has!("avx512bw") {
+        Isa::Avx512
+    } else if avx2 {
+        Isa::Avx2
+    } else {
+        Isa::Generic
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Isa {
+    Isa::Generic
+}
 
 /// a * b + c, fused into one instruction when FMA (a const parameter of the calling kernel).
 #[inline(always)]

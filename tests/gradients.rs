@@ -137,10 +137,6 @@ fn abs_dot(out: &[f32], r: &[f32]) -> f64 {
 }
 
 #[test]
-#[cfg_attr(
-    miri,
-    ignore = "minutes under Miri (matmul's small products test runs there)"
-)]
 fn linear_backward_matches_finite_differences() {
     for (b, i, o) in [(2, 5, 3), (4, 7, 6)] {
         let mut inp = pseudo(b * i, 1);

@@ -24,6 +24,7 @@ __all__ = [
     "Dataset",
     "EpochRun",
     "amx_available",
+    "isa_paths",
     "binarize",
     "default_threads",
     "FastVAEError",
@@ -72,6 +73,11 @@ def default_threads() -> int:
 
 def amx_available() -> bool:
     """Whether matrix products run on AMX tiles in this process."""
+
+def isa_paths() -> dict[str, str]:
+    """The instruction sets this process runs on: fastvae's own kernels ("avx512", "avx2" or
+    "generic", capped by FASTVAE_ISA), the gemm crate's, and whether AMX takes the large
+    products ("on" or "off")."""
 
 def binarize(x: NDArray[np.float32] | NDArray[np.float64], seed: int = 0) -> NDArray[np.float32]:
     """A fixed Bernoulli draw of intensities x (n, d) in [0, 1]: 1.0 with probability x, else
