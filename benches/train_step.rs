@@ -93,7 +93,7 @@ fn passes(c: &mut Criterion) {
     let mut cols = BatchNonzeros::default();
     let wt = pseudo(784 * 400, 10);
     g.bench_function("first layer: index the batch's nonzeros", |bench| {
-        bench.iter(|| pool.install(|| cols.build(&xs, B, 784)))
+        bench.iter(|| pool.install(|| cols.build(&xs, B, 784, 2)))
     });
     g.bench_function("first layer: sparse forward", |bench| {
         bench.iter(|| {

@@ -75,7 +75,7 @@ impl Model {
         let (d, zdim) = (data.d, cfg.latent_dim);
         let group = (PASS_ROWS / k).max(1);
         let cap = if k <= PASS_ROWS { group * k } else { PASS_ROWS };
-        let mut ws = Workspace::new(cfg, cap, false);
+        let mut ws = Workspace::new(cfg, cap, false, self.threads());
         let mut head = vec![0.0f32; group * 2 * zdim];
         let ln_k = (k as f64).ln();
         self.install(|| {

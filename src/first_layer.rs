@@ -182,11 +182,11 @@ pub struct BatchNonzeros {
 }
 
 impl BatchNonzeros {
-    /// Index the nonzeros of the batch x (n, d).
-    pub fn build(&mut self, x: &[f32], n: usize, d: usize) {
-        let parts = rayon::current_num_threads()
-            .max(n.div_ceil(PART_ROWS))
-            .clamp(1, n.max(1));
+    /// Index the nonzeros of the batch x (n, d), in at least `threads` parts (the model's
+    /// thread count, not the running pool's: the parts decide how the weight gradient's sums
+    /// pair up, so they must not depend on which pool runs).
+    pub fn build(&mut self, x: &[f32], n: usize, d: usize, threads: usize) {
+        let parts = threads.max(n.div_ceil(PART_ROWS)).clamp(1, n.max(1));
         self.parts.resize_with(parts, ColumnPart::default);
         self.parts.par_iter_mut().enumerate().for_each(|(p, part)| {
             let rows = n * p / parts..n * (p + 1) / parts;
@@ -570,7 +570,7 @@ mod tests {
                     .unwrap();
                 pool.install(|| {
                     let mut cols = BatchNonzeros::default();
-                    cols.build(&xb, n, i);
+                    cols.build(&xb, n, i, threads);
                     let cols = cols.get();
                     let what = format!("({n}, {i}, {o}) on {threads} threads");
                     let (mut a, mut b) = (vec![0.0; n * o], vec![0.0; n * o]);

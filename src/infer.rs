@@ -55,7 +55,7 @@ impl Model {
             )));
         }
         let cap = EVAL_CHUNK.min(end - start).max(1);
-        let mut ws = Workspace::new(&self.vae.config, cap, false);
+        let mut ws = Workspace::new(&self.vae.config, cap, false, self.threads());
         let (d, zdim) = (data.d, self.vae.config.latent_dim);
         self.install(|| {
             for (c, lo) in (start..end).step_by(EVAL_CHUNK).enumerate() {
@@ -82,7 +82,12 @@ impl Model {
         let (d, zdim) = (data.d, self.vae.config.latent_dim);
         let mut mu = vec![0.0; data.n * zdim];
         let mut logvar = vec![0.0; data.n * zdim];
-        let mut ws = Workspace::new(&self.vae.config, EVAL_CHUNK.min(data.n), false);
+        let mut ws = Workspace::new(
+            &self.vae.config,
+            EVAL_CHUNK.min(data.n),
+            false,
+            self.threads(),
+        );
         self.install(|| {
             for lo in (0..data.n).step_by(EVAL_CHUNK) {
                 let n = (data.n - lo).min(EVAL_CHUNK);
@@ -116,7 +121,12 @@ impl Model {
         }
         let n_all = z.len() / zdim;
         let mut out = vec![0.0; output_len(n_all, d)?];
-        let mut ws = Workspace::new(&self.vae.config, EVAL_CHUNK.min(n_all), false);
+        let mut ws = Workspace::new(
+            &self.vae.config,
+            EVAL_CHUNK.min(n_all),
+            false,
+            self.threads(),
+        );
         self.install(|| {
             for lo in (0..n_all).step_by(EVAL_CHUNK) {
                 let n = (n_all - lo).min(EVAL_CHUNK);

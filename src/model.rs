@@ -36,6 +36,10 @@ pub struct Vae {
 #[derive(Debug)]
 pub struct Workspace {
     pub cap: usize,
+    /// Parts the batch is split into where the split changes how sums round (the latent
+    /// block, the first layer's index): the model's thread count, whatever pool runs the
+    /// work, so that results do not depend on which pool that is.
+    pub parts: usize,
     /// (B, D) the batch.
     pub x: Vec<f32>,
     /// (B, Z) the reparameterization noise.
@@ -75,7 +79,8 @@ pub enum FirstWeight {
 }
 
 impl Workspace {
-    pub fn new(config: &Config, cap: usize, with_grads: bool) -> Self {
+    /// Buffers for batches of up to `cap` rows of a model with `threads` threads.
+    pub fn new(config: &Config, cap: usize, with_grads: bool, threads: usize) -> Self {
         let z = config.latent_dim;
         let buf = |w: usize| vec![0.0f32; cap * w];
         let enc: Vec<_> = config.hidden_dims.iter().map(|&h| buf(h)).collect();
@@ -83,6 +88,7 @@ impl Workspace {
         let grad = |w: usize| if with_grads { buf(w) } else { Vec::new() };
         Workspace {
             cap,
+            parts: threads.max(1),
             x: buf(config.input_dim),
             eps: buf(z),
             denc: config.hidden_dims.iter().map(|&h| grad(h)).collect(),
@@ -187,7 +193,7 @@ impl Vae {
             let out = &mut out[..n * l.out_dim];
             if i == 0 {
                 if sparse {
-                    ws.nonzeros.build(inp, n, l.in_dim);
+                    ws.nonzeros.build(inp, n, l.in_dim, ws.parts);
                 }
                 let nz = ws.nonzeros.get();
                 first_layer::forward(out, inp, nz, w, b, n, l.in_dim, l.out_dim, self.act());
@@ -203,9 +209,10 @@ impl Vae {
         self.layout.decoder.len() >= 2
     }
 
-    /// Parts of rows for the latent block: one per thread, each of at least LATENT_MIN_ROWS.
-    fn latent_parts(&self, n: usize) -> usize {
-        rayon::current_num_threads().min(n / LATENT_MIN_ROWS).max(1)
+    /// Parts of rows for the latent block: one per thread of the model (ws.parts), each of at
+    /// least LATENT_MIN_ROWS.
+    fn latent_parts(ws: &Workspace, n: usize) -> usize {
+        ws.parts.min(n / LATENT_MIN_ROWS).max(1)
     }
 
     /// The head, the reparameterization with the KL, and the first decoder layer, by parts of
@@ -216,7 +223,7 @@ impl Vae {
         let (zd, act, p) = (self.config.latent_dim, self.act(), &self.params);
         let h = &self.layout.head;
         let (wh, bh) = weights(p, h);
-        let rows = n.div_ceil(self.latent_parts(n));
+        let rows = n.div_ceil(Self::latent_parts(ws, n));
         let inp = match self.layout.encoder.len() {
             0 => &ws.x[..n * h.in_dim],
             k => &ws.enc[k - 1][..n * h.in_dim],
@@ -357,8 +364,7 @@ impl Vae {
         let h = &self.layout.head;
         let d0 = self.latent_has_dec0().then(|| &self.layout.decoder[0]);
         let h1 = h.in_dim;
-        let parts = self.latent_parts(n);
-        let rows = n.div_ceil(parts);
+        let rows = n.div_ceil(Self::latent_parts(ws, n));
         // The head's parameters, then the first decoder layer's, are one range.
         let span = h.weight.start..d0.map_or(h.bias.end, |d0| d0.bias.end);
         debug_assert!(d0.is_none_or(|d0| h.bias.end == d0.weight.start));

@@ -1,6 +1,7 @@
 //! Thread pools: each model's own, and one shared by work that has no model (checking a data
-//! set's values); flush-to-zero in their threads; keeping workers awake during a step; and
-//! surviving `fork`.
+//! set's values); flush-to-zero in their threads; keeping workers awake during a step; the
+//! choice, by measurement, between a model's full pool and a one-thread pool when other
+//! processes take the cores; and surviving `fork`.
 //!
 //! A forked child has the parent's memory but only the forking thread, so a rayon pool made
 //! before the fork has no workers in the child and the first job sent to it would wait
@@ -60,6 +61,102 @@ impl Pool {
     /// Run `f` on this process's pool.
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
         Ok(self.get()?.install(f))
+    }
+}
+
+/// Which of a model's two pools a slice of training runs on: the full one, or one thread.
+///
+/// On an idle machine the full pool is fastest. When another process keeps a core busy, the
+/// full pool's workers are descheduled in turn and each waits for the other at every split:
+/// training on two threads fell to about half its one-thread speed. So the choice is measured:
+/// each slice's seconds per row are kept (a moving average) for the pool it ran on, training
+/// runs on the faster, and the other is tried for one slice now and then (sooner when the
+/// current one slows down) to notice when the load comes or goes. Results do not depend on the
+/// choice: every split that changes how sums round follows the model's thread count
+/// (`Workspace::parts`), not the running pool's.
+#[derive(Debug, Clone)]
+pub struct PoolChoice {
+    /// Moving averages of seconds per row, [full, solo]; None until measured.
+    per_row: [Option<f64>; 2],
+    /// The pool training runs on between trials (0 full, 1 solo).
+    current: usize,
+    /// When the other pool is next tried, and the gap after that (doubled while trials
+    /// confirm the choice, up to MAX_TRIAL_GAP).
+    next_trial: std::time::Instant,
+    gap: std::time::Duration,
+    /// A pool forced by the caller (tests, measurements), or None to choose.
+    pub forced: Option<usize>,
+}
+
+/// The first trial's delay and the shortest gap between trials.
+const MIN_TRIAL_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest gap: a trial of the slower pool costs a slice at its speed, so on an idle
+/// machine the trials cost well under 1% of the time at this gap.
+const MAX_TRIAL_GAP: std::time::Duration = std::time::Duration::from_secs(16);
+/// A slice this much slower than its pool's average brings the next trial forward.
+const SLOWDOWN: f64 = 1.3;
+
+impl PoolChoice {
+    /// Choosing by measurement, or held to `forced`.
+    pub fn new(forced: Option<usize>) -> Self {
+        PoolChoice {
+            per_row: [None, None],
+            current: 0,
+            next_trial: std::time::Instant::now() + MIN_TRIAL_GAP,
+            gap: MIN_TRIAL_GAP,
+            forced,
+        }
+    }
+
+    /// The pool for the next slice: 0 full, 1 solo.
+    pub fn pick(&self) -> usize {
+        self.pick_at(std::time::Instant::now())
+    }
+
+    fn pick_at(&self, now: std::time::Instant) -> usize {
+        if let Some(f) = self.forced {
+            return f;
+        }
+        if now >= self.next_trial {
+            1 - self.current
+        } else {
+            self.current
+        }
+    }
+
+    /// A slice of `rows` rows took `seconds` on pool `which`.
+    pub fn record(&mut self, which: usize, seconds: f64, rows: usize) {
+        self.record_at(std::time::Instant::now(), which, seconds, rows)
+    }
+
+    fn record_at(&mut self, now: std::time::Instant, which: usize, seconds: f64, rows: usize) {
+        if rows == 0 || self.forced.is_some() {
+            return;
+        }
+        let sample = seconds / rows as f64;
+        let avg = &mut self.per_row[which];
+        let slowed = avg.is_some_and(|a| sample > SLOWDOWN * a);
+        *avg = Some(avg.map_or(sample, |a| 0.5 * a + 0.5 * sample));
+        if which != self.current {
+            // A trial: switch if the other pool is faster (by a margin, so noise does not
+            // flip it), and try again sooner after a switch, later after a confirmation.
+            let (here, there) = (self.per_row[self.current], self.per_row[which]);
+            let switch = match (here, there) {
+                (Some(h), Some(t)) => t < 0.95 * h,
+                _ => false,
+            };
+            if switch {
+                self.current = which;
+                self.gap = MIN_TRIAL_GAP;
+            } else {
+                self.gap = (self.gap * 2).min(MAX_TRIAL_GAP);
+            }
+            self.next_trial = now + self.gap;
+        } else if slowed {
+            // The load may have changed: the other pool's average is stale, try it soon.
+            self.gap = MIN_TRIAL_GAP;
+            self.next_trial = self.next_trial.min(now + MIN_TRIAL_GAP);
+        }
     }
 }
 
@@ -152,6 +249,39 @@ mod tests {
         assert!(Pool::new(MAX_THREADS + 1).is_err());
         let pool = Pool::new(2).unwrap();
         assert_eq!(pool.install(rayon::current_num_threads).unwrap(), 2);
+    }
+
+    #[test]
+    fn choice_follows_the_faster_pool() {
+        use std::time::{Duration, Instant};
+        let mut c = PoolChoice::new(None);
+        let mut now = Instant::now();
+        // Simulated slices of 1000 rows, every 0.1 s: full takes `full` s per row, solo `solo`.
+        let mut run = |c: &mut PoolChoice, full: f64, solo: f64, seconds: u64| -> [usize; 2] {
+            let mut used = [0, 0];
+            for _ in 0..seconds * 10 {
+                let which = c.pick_at(now);
+                used[which] += 1;
+                let per_row = if which == 0 { full } else { solo };
+                c.record_at(now, which, per_row * 1000.0, 1000);
+                now += Duration::from_millis(100);
+            }
+            used
+        };
+        // Idle: the full pool is faster; solo is tried rarely (gaps grow to 16 s).
+        let used = run(&mut c, 1.0, 1.6, 120);
+        assert_eq!(c.current, 0);
+        assert!(used[1] <= 12, "{used:?}");
+        // Another process takes a core: the full pool slows past solo, which takes over.
+        let used = run(&mut c, 2.8, 1.7, 20);
+        assert_eq!(c.current, 1, "{used:?}");
+        assert!(used[0] <= 40, "switched late: {used:?}");
+        // The load ends: the full pool is tried again and wins back within the longest gap.
+        let used = run(&mut c, 1.0, 1.6, 40);
+        assert_eq!(c.current, 0, "{used:?}");
+        // Forced: no choosing.
+        let mut f = PoolChoice::new(Some(1));
+        assert_eq!(run(&mut f, 1.0, 9.0, 5), [0, 50]);
     }
 
     #[cfg(all(unix, not(miri)))]

@@ -12,7 +12,7 @@ use crate::dataset::{gather, Dataset};
 use crate::error::{Result, VaeError};
 use crate::model::{FirstWeight, Vae, Workspace};
 use crate::optim::{AdamConfig, AdamState};
-use crate::pool::{keep_awake, Pool};
+use crate::pool::{keep_awake, Pool, PoolChoice};
 use crate::rng::{permutation, stream, Purpose};
 use crate::step::Trainer;
 
@@ -26,6 +26,23 @@ pub struct Model {
     grads: Vec<f32>,
     train_ws: Option<Workspace>,
     pool: Pool,
+    /// One thread, for training when other processes take the cores (None with one thread).
+    solo: Option<Pool>,
+    /// Which of the two a slice of training runs on.
+    pub choice: PoolChoice,
+}
+
+/// The pool training is held to: the full one with one thread (there is no other), else
+/// FASTVAE_POOL=full or solo (to measure each), else None: chosen by measurement.
+fn forced_pool(threads: usize) -> Option<usize> {
+    if threads == 1 {
+        return Some(0);
+    }
+    match std::env::var("FASTVAE_POOL").as_deref() {
+        Ok("full") => Some(0),
+        Ok("solo") => Some(1),
+        _ => None,
+    }
 }
 
 fn check_lr(lr: f64) -> Result<()> {
@@ -74,6 +91,11 @@ impl EpochRun {
 impl Model {
     pub fn new(config: Config, seed: u64, threads: usize) -> Result<Self> {
         let pool = Pool::new(threads)?;
+        let solo = if threads > 1 {
+            Some(Pool::new(1)?)
+        } else {
+            None
+        };
         let vae = Vae::new(config, seed);
         let len = vae.params.len();
         Ok(Model {
@@ -84,6 +106,8 @@ impl Model {
             grads: vec![0.0; len],
             train_ws: None,
             pool,
+            solo,
+            choice: PoolChoice::new(forced_pool(threads)),
         })
     }
 
@@ -146,22 +170,26 @@ impl Model {
             )));
         }
         let d = data.d;
-        let (mut trainer, pool) = self.trainer(run.batch_size, run.lr)?;
-        pool.install(|| {
-            keep_awake(|| {
-                for _ in 0..max_batches {
-                    let rows = run.next_rows();
-                    if rows.is_empty() {
-                        break;
-                    }
-                    let n = rows.len();
-                    gather(&mut trainer.ws.x[..n * d], data, rows);
-                    run.loss_sum += trainer.step(n, data.sparse, run.binarize)?;
-                    run.next += n;
+        let which = self.choice.pick();
+        let (mut trainer, pool) = self.trainer(run.batch_size, run.lr, which)?;
+        let (t0, rows0) = (std::time::Instant::now(), run.next);
+        let slice = || {
+            for _ in 0..max_batches {
+                let rows = run.next_rows();
+                if rows.is_empty() {
+                    break;
                 }
-                Ok(())
-            })
-        })
+                let n = rows.len();
+                gather(&mut trainer.ws.x[..n * d], data, rows);
+                run.loss_sum += trainer.step(n, data.sparse, run.binarize)?;
+                run.next += n;
+            }
+            Ok(())
+        };
+        let result = pool.install(|| keep_awake(slice));
+        let rows = run.next - rows0;
+        self.choice.record(which, t0.elapsed().as_secs_f64(), rows);
+        result
     }
 
     /// Train on the epoch's next batch, which the caller gathered: the rows `next_rows` named,
@@ -175,10 +203,13 @@ impl Model {
                 batch.n
             )));
         }
-        let (mut trainer, pool) = self.trainer(run.batch_size, run.lr)?;
+        let which = self.choice.pick();
+        let (mut trainer, pool) = self.trainer(run.batch_size, run.lr, which)?;
+        let t0 = std::time::Instant::now();
         batch.read_rows(&mut trainer.ws.x[..n * batch.d], 0, n);
         run.loss_sum += pool.install(|| trainer.step(n, batch.sparse, run.binarize))?;
         run.next += n;
+        self.choice.record(which, t0.elapsed().as_secs_f64(), n);
         Ok(())
     }
 
@@ -194,15 +225,25 @@ impl Model {
     }
 
     /// The parts of the model a training step changes, with the workspace for batches of
-    /// `batch_size` rows (made anew only when the batch size changes), and the pool to run on.
+    /// `batch_size` rows (made anew only when the batch size changes), and the pool to run on
+    /// (`which`: 0 the full pool, 1 the one-thread pool where there is one).
     fn trainer(
         &mut self,
         batch_size: usize,
         lr: f64,
+        which: usize,
     ) -> Result<(Trainer<'_>, std::sync::Arc<rayon::ThreadPool>)> {
-        let pool = self.pool.get()?;
+        let pool = match (&self.solo, which) {
+            (Some(solo), 1) => solo.get()?,
+            _ => self.pool.get()?,
+        };
         if self.train_ws.as_ref().is_none_or(|ws| ws.cap != batch_size) {
-            self.train_ws = Some(Workspace::new(&self.vae.config, batch_size, true));
+            self.train_ws = Some(Workspace::new(
+                &self.vae.config,
+                batch_size,
+                true,
+                self.threads(),
+            ));
         }
         let trainer = Trainer {
             vae: &mut self.vae,
@@ -229,7 +270,7 @@ impl Model {
                 x.n
             )));
         }
-        let mut ws = Workspace::new(&self.vae.config, x.n, true);
+        let mut ws = Workspace::new(&self.vae.config, x.n, true, self.threads());
         x.read_rows(&mut ws.x, 0, x.n);
         ws.eps.copy_from_slice(eps);
         Ok(ws)
@@ -269,5 +310,44 @@ impl Model {
             },
         };
         pool.install(|| trainer.step_with_noise(x.n, x.sparse))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Activation;
+
+    #[test]
+    fn results_do_not_depend_on_the_pool_that_runs_them() {
+        // A 2-thread model trained on its full pool and on its one-thread pool: the same
+        // weights bit for bit, sparse first layer and latent block by parts included.
+        let (n, d) = (300, 64);
+        let data: Vec<f32> = (0..n * d)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761) >> 8;
+                if h % 10 < 7 {
+                    0.0
+                } else {
+                    (h % 255) as f32 / 255.0
+                }
+            })
+            .collect();
+        let data = Dataset::new(data, n, d).unwrap();
+        assert!(data.sparse);
+        let train = |which: usize| {
+            let cfg = Config::new(d, vec![24], 3, Activation::Relu).unwrap();
+            let mut model = Model::new(cfg, 7, 2).unwrap();
+            model.choice = PoolChoice::new(Some(which));
+            let mut run = model.begin_epoch(n, 64, 1e-3, true).unwrap();
+            model.run(&data, &mut run, usize::MAX).unwrap();
+            model.end_epoch(&run).unwrap();
+            model.vae.params
+        };
+        let (full, solo) = (train(0), train(1));
+        assert!(full
+            .iter()
+            .zip(&solo)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }

@@ -287,7 +287,7 @@ fn check_first_layer(b: usize, i: usize, o: usize, threads: usize) {
         .unwrap();
     pool.install(|| {
         let mut cols = BatchNonzeros::default();
-        cols.build(&x, b, i);
+        cols.build(&x, b, i, threads);
         let cols = cols.get().expect("just indexed");
         let forward = |wt: &[f32]| {
             let mut out = vec![0.0; b * o];
@@ -341,7 +341,7 @@ fn sample(range: std::ops::Range<usize>, salt: usize, count: usize) -> Vec<usize
 /// Whether each hidden unit of the encoder and decoder is positive after the activation.
 fn active(model: &Model, data: &Dataset, eps: &[f32]) -> Vec<bool> {
     let vae = &model.vae;
-    let mut ws = Workspace::new(&vae.config, data.n, false);
+    let mut ws = Workspace::new(&vae.config, data.n, false, model.threads());
     data.read_rows(&mut ws.x[..data.n * data.d], 0, data.n);
     ws.eps[..eps.len()].copy_from_slice(eps);
     model
