@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,22 +27,17 @@ def _data(n: int = 256, d: int = 36, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, d), dtype=np.float32)
 
 
-def _in_child(vae: VAE, x: np.ndarray, out: Any) -> None:
-    """Everything a forked worker might do with a model made in the parent."""
-    before = vae.elbo(x)
-    vae.fit(x, epochs=1, batch_size=32, progress=False)
-    after = vae.elbo(x)
-    # A model made in the child too: a fresh pool, and the shared one that checks data.
-    fresh = VAE(input_dim=x.shape[1], hidden_dims=(8,), latent_dim=2, threads=2, seed=3)
-    fresh.fit(x, epochs=1, batch_size=32, progress=False)
-    out.send((before, after, fresh.elbo(x)))
-    out.close()
-
-
-def _run_forked(vae: VAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _in_fork(work: Callable[[], Any]) -> Any:
+    """Run work() in a child made by fork and return what it returned; fail, instead of
+    hanging, when the child does not answer in time."""
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_in_child, args=(vae, x, send))
+
+    def child_main() -> None:
+        send.send(work())
+        send.close()
+
+    child = ctx.Process(target=child_main)
     child.start()
     send.close()
     try:
@@ -57,13 +53,24 @@ def _run_forked(vae: VAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return result
 
 
+def _use(vae: VAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Everything a forked worker might do with a model made in the parent."""
+    before = vae.elbo(x)
+    vae.fit(x, epochs=1, batch_size=32, progress=False)
+    after = vae.elbo(x)
+    # A model made in the child too: a fresh pool, and the shared one that checks data.
+    fresh = VAE(input_dim=x.shape[1], hidden_dims=(8,), latent_dim=2, threads=2, seed=3)
+    fresh.fit(x, epochs=1, batch_size=32, progress=False)
+    return before, after, fresh.elbo(x)
+
+
 def test_a_fitted_model_works_in_a_forked_child() -> None:
     x = _data()
     vae = VAE(input_dim=x.shape[1], hidden_dims=(16,), latent_dim=3, threads=2, seed=1)
     vae.fit(x, epochs=1, batch_size=32, progress=False)
     parent_elbo = vae.elbo(x)
 
-    before, after, fresh = _run_forked(vae, x)
+    before, after, fresh = _in_fork(lambda: _use(vae, x))
 
     # The child saw the parent's weights, and trained them as the parent would have.
     np.testing.assert_array_equal(before, parent_elbo)
@@ -80,23 +87,9 @@ def test_a_child_forked_twice_over_works() -> None:
     x = _data(n=128)
     vae = VAE(input_dim=x.shape[1], hidden_dims=(8,), latent_dim=2, threads=2, seed=2)
     vae.fit(x, epochs=1, batch_size=32, progress=False)
-    ctx = mp.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
 
-    def middle(out: Any) -> None:
-        before, after, _ = _run_forked(vae, x)
-        out.send(bool(np.all(np.isfinite(after))) and bool(np.all(np.isfinite(before))))
-        out.close()
+    def middle() -> bool:
+        before, after, _ = _in_fork(lambda: _use(vae, x))
+        return bool(np.all(np.isfinite(before)) and np.all(np.isfinite(after)))
 
-    child = ctx.Process(target=middle, args=(send,))
-    child.start()
-    send.close()
-    try:
-        assert recv.poll(_TIMEOUT_S), "the grandchild or its parent hangs"
-        assert recv.recv() is True
-    finally:
-        child.join(_TIMEOUT_S)
-        if child.is_alive():
-            child.kill()
-            child.join()
-    assert child.exitcode == 0
+    assert _in_fork(middle) is True

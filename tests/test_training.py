@@ -203,3 +203,49 @@ def test_amx_products_match_gemm_to_rounding() -> None:
     on, off = _amx_fit("1"), _amx_fit("0")
     assert on[0] == pytest.approx(off[0], rel=1e-4)
     assert on[1] == pytest.approx(off[1], rel=1e-4)
+
+
+_ISA_FIT = """
+import hashlib, numpy as np, fastvae
+rng = np.random.default_rng(0)
+# Sparse like MNIST, and widths that reach every register block of the first layer's passes
+# (448, 400, ..., 64 with two chains, 16 with eight, a ragged tail) and of its weight gradient.
+x = rng.random((700, 300), dtype=np.float32) * (rng.random((700, 300)) < 0.2)
+for hidden in ((400,), (1000,), (531, 37)):
+    vae = fastvae.VAE(input_dim=300, hidden_dims=hidden, latent_dim=5, seed=0, threads=2)
+    vae.fit(x, epochs=1, batch_size=128, progress=False)
+    w = vae.weights()
+    digest = hashlib.sha256(b"".join(w[k].tobytes() for k in sorted(w))).hexdigest()
+    print(fastvae._core.isa_paths()["kernels"], digest, float(vae.elbo(x, seed=1).mean()))
+"""
+
+
+def _isa_fit(isa: str | None) -> list[list[str]]:
+    # AMX off throughout: a cap below AVX-512 turns it off, and it rounds otherwise than gemm.
+    env = dict(os.environ, FASTVAE_AMX="0")
+    env.pop("FASTVAE_ISA", None)
+    if isa is not None:
+        env["FASTVAE_ISA"] = isa
+    out = subprocess.run(
+        [sys.executable, "-c", _ISA_FIT], env=env, capture_output=True, text=True, check=True
+    )
+    return [line.split() for line in out.stdout.splitlines()]
+
+
+def test_instruction_sets_give_the_same_training() -> None:
+    # fastvae's own kernels are compiled for AVX-512, AVX2 and plain x86-64, one chosen at run
+    # time (FASTVAE_ISA caps the choice). The vector versions sum every output in the same
+    # order (fixed lanes, the same register blocks), so they train bit for bit alike; the plain
+    # one, without FMA, agrees to rounding. Each path runs as far as this CPU has it, so the
+    # AVX2 kernels are tested on AVX-512 machines too.
+    best = _isa_fit(None)
+    kernels = best[0][0]
+    if kernels == "generic":
+        pytest.skip("this CPU has neither AVX2 nor AVX-512: one path only")
+    avx2 = _isa_fit("avx2")
+    assert all(row[0] == "avx2" for row in avx2)
+    assert [row[1] for row in avx2] == [row[1] for row in best], "weights differ from " + kernels
+    plain = _isa_fit("generic")
+    assert all(row[0] == "generic" for row in plain)
+    for a, b in zip(plain, best, strict=True):
+        assert float(a[2]) == pytest.approx(float(b[2]), rel=1e-4)
