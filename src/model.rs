@@ -398,7 +398,7 @@ impl Vae {
         let mut dz = ws.dz[..n * zd].chunks_mut(rows * zd);
         let mut dhead = ws.dhead[..n * 2 * zd].chunks_mut(rows * 2 * zd);
         let part_grads = std::iter::once(&mut grads[span.clone()])
-            .chain(ws.latent_grads[..extra].chunks_mut(len.max(1)));
+            .chain(ws.latent_grads[..extra].chunks_mut(len));
         let work: Vec<_> = part_grads
             .map(|g| LatentBackwardPart {
                 grads: g,
@@ -445,7 +445,7 @@ impl Vae {
             bias_backward(gh_b, part.dhead, r, 2 * zd);
         });
         let out = &mut grads[span];
-        for part in ws.latent_grads[..extra].chunks_exact(len.max(1)) {
+        for part in ws.latent_grads[..extra].chunks_exact(len) {
             out.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
     }
@@ -460,7 +460,6 @@ impl Vae {
         first: FirstWeight,
     ) {
         let (act, params) = (self.act(), &self.params);
-        let d_in = self.config.input_dim;
         for (i, l) in self.layout.encoder.iter().enumerate().rev() {
             let (dw, db) = weight_grads(grads, l);
             let (denc_before, denc_from_i) = ws.denc.split_at_mut(i);
@@ -468,10 +467,6 @@ impl Vae {
             activation_backward(dout, &ws.enc[i][..n * l.out_dim], l.out_dim, act);
             if i == 0 {
                 bias_backward(db, dout, n, l.out_dim);
-                if first == FirstWeight::Compute {
-                    let (x, nz) = (&ws.x[..n * d_in], ws.nonzeros.get());
-                    first_layer::weight_backward(dw, x, nz, dout, n, l.in_dim, l.out_dim);
-                }
             } else {
                 let (w, _) = weights(params, l);
                 let inp = &ws.enc[i - 1][..n * l.in_dim];
@@ -479,10 +474,13 @@ impl Vae {
                 linear_backward(Some(dinp), dw, db, dout, inp, w, n, l.in_dim, l.out_dim);
             }
         }
+        if first == FirstWeight::Compute && !self.layout.encoder.is_empty() {
+            self.first_weight_backward(grads, ws, n);
+        }
     }
 
-    /// After `backward(.., FirstWeight::Defer)`: the first layer's weight gradient into
-    /// `grads`.
+    /// The first layer's weight gradient into `grads`, from ws.denc[0] once `backward` made it
+    /// pre-activation (in `backward` itself, or after `backward(.., FirstWeight::Defer)`).
     pub fn first_weight_backward(&self, grads: &mut [f32], ws: &Workspace, n: usize) {
         let l = &self.layout.encoder[0];
         let (dw, _) = weight_grads(grads, l);

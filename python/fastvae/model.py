@@ -322,7 +322,7 @@ class VAE:
 
         epoch = model.epoch + 1
         n = data.shape[0]
-        train_loss, seconds = self._fit_core_epoch(model, data, batch_size, lr, progress, binarize)
+        train_loss, seconds = self._train_epoch(model, data, batch_size, lr, progress, binarize)
         val_loss = None
         if val is not None:
             val_loss = float(-self._elbo_rows(model, val, self._EVAL_SEED).mean())
@@ -333,7 +333,7 @@ class VAE:
         h["samples_per_sec"].append(n / seconds if seconds > 0 else float("inf"))
         h["seconds"].append(seconds)
 
-    def _fit_core_epoch(
+    def _train_epoch(
         self,
         model: _core.Model,
         data: _core.Dataset | _MappedRows,
