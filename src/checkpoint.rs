@@ -3,7 +3,7 @@
 //! moments as `adam.m.<name>` / `adam.v.<name>`, and the configuration in the metadata. Writes
 //! are atomic; reads check everything and never execute anything from the file.
 
-use crate::config::{Activation, Config};
+use crate::config::{Activation, Config, Likelihood, LOGVAR_MAX, LOGVAR_MIN};
 use crate::error::{Result, VaeError};
 use crate::optim::AdamState;
 use crate::params::ParamLayout;
@@ -39,7 +39,7 @@ fn le_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-const RESERVED: [&str; 12] = [
+const RESERVED: [&str; 13] = [
     "format",
     "format_version",
     "fastvae_version",
@@ -47,6 +47,7 @@ const RESERVED: [&str; 12] = [
     "hidden_dims",
     "latent_dim",
     "activation",
+    "likelihood",
     "seed",
     "epoch",
     "step",
@@ -94,6 +95,7 @@ pub fn to_bytes(
         ("hidden_dims", hidden.join(",")),
         ("latent_dim", cfg.latent_dim.to_string()),
         ("activation", cfg.activation.name().to_string()),
+        ("likelihood", cfg.likelihood.name().to_string()),
         ("seed", model.seed.to_string()),
         ("epoch", model.epoch.to_string()),
         ("step", model.adam.t.to_string()),
@@ -221,11 +223,17 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
     };
     let activation = Activation::parse(meta_get(&meta, "activation")?)
         .map_err(|e| bad(format!("metadata: {e}")))?;
-    let config = Config::new(
+    // Files written before the Gaussian likelihood have no entry: they are Bernoulli models.
+    let likelihood = match meta.get("likelihood") {
+        None => Likelihood::Bernoulli,
+        Some(name) => Likelihood::parse(name).map_err(|e| bad(format!("metadata: {e}")))?,
+    };
+    let config = Config::with_likelihood(
         meta_num(&meta, "input_dim")?,
         hidden,
         meta_num(&meta, "latent_dim")?,
         activation,
+        likelihood,
     )
     .map_err(|e| bad(format!("metadata describes an invalid model: {e}")))?;
     let has_optimizer = match meta_get(&meta, "has_optimizer")? {
@@ -273,6 +281,16 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
     }
     if let Some(a) = adam.as_mut() {
         a.t = meta_num(&meta, "step")?;
+    }
+    if let Some(lv) = &layout.out_logvar {
+        if let Some(v) = params[lv.clone()]
+            .iter()
+            .find(|v| !(LOGVAR_MIN..=LOGVAR_MAX).contains(*v))
+        {
+            return Err(bad(format!(
+                "decoder_logvar holds {v}, outside [{LOGVAR_MIN}, {LOGVAR_MAX}]"
+            )));
+        }
     }
     let extra = meta
         .iter()

@@ -34,6 +34,43 @@ impl Activation {
     }
 }
 
+/// What p(x|z) is: the decoder's outputs are the logits of independent Bernoulli pixels, or the
+/// means of independent Gaussians whose per-feature log-variances are parameters of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Likelihood {
+    Bernoulli,
+    Gaussian,
+}
+
+/// The likelihoods' names, as settings give them.
+pub const LIKELIHOODS: [&str; 2] = ["bernoulli", "gaussian"];
+
+/// Bounds of the Gaussian likelihood's learned log-variances, kept after every step: a
+/// feature the decoder predicts exactly (a constant one, say) would otherwise drive its
+/// log-variance to -inf and the loss with it. exp(-10 / 2) = 0.0067 and exp(10 / 2) = 148 bound
+/// the standard deviation, ample for standardized features.
+pub const LOGVAR_MIN: f32 = -10.0;
+pub const LOGVAR_MAX: f32 = 10.0;
+
+impl Likelihood {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "bernoulli" => Ok(Likelihood::Bernoulli),
+            "gaussian" => Ok(Likelihood::Gaussian),
+            other => Err(VaeError::Config(format!(
+                "likelihood must be one of {LIKELIHOODS:?}, got {other:?}"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Likelihood::Bernoulli => "bernoulli",
+            Likelihood::Gaussian => "gaussian",
+        }
+    }
+}
+
 /// Largest model the core agrees to allocate (parameters, f32): 2^28, about 1 GiB per copy,
 /// and training keeps four copies (weights, gradients, two Adam moments).
 pub const MAX_PARAMS: usize = 1 << 28;
@@ -46,6 +83,9 @@ pub const MAX_K: usize = 1 << 24;
 /// Largest learning rate accepted: beyond it an Adam step (about lr per weight) can overflow
 /// float32, and no useful training is anywhere near it.
 pub const MAX_LR: f64 = 1e6;
+
+/// Largest KL weight (beta) accepted; beta-VAEs use single digits.
+pub const MAX_BETA: f64 = 1e6;
 
 /// Training defaults: the canonical MNIST run (pytorch/examples' VAE).
 pub const DEFAULT_EPOCHS: usize = 10;
@@ -60,20 +100,39 @@ pub struct Config {
     pub hidden_dims: Vec<usize>,
     pub latent_dim: usize,
     pub activation: Activation,
+    pub likelihood: Likelihood,
 }
 
 impl Config {
+    /// A Bernoulli model (the likelihood of every model before there was a choice).
     pub fn new(
         input_dim: usize,
         hidden_dims: Vec<usize>,
         latent_dim: usize,
         activation: Activation,
     ) -> Result<Self> {
+        Self::with_likelihood(
+            input_dim,
+            hidden_dims,
+            latent_dim,
+            activation,
+            Likelihood::Bernoulli,
+        )
+    }
+
+    pub fn with_likelihood(
+        input_dim: usize,
+        hidden_dims: Vec<usize>,
+        latent_dim: usize,
+        activation: Activation,
+        likelihood: Likelihood,
+    ) -> Result<Self> {
         let config = Config {
             input_dim,
             hidden_dims,
             latent_dim,
             activation,
+            likelihood,
         };
         config.validate()?;
         Ok(config)
@@ -86,6 +145,7 @@ impl Config {
             hidden_dims: vec![400],
             latent_dim: 20,
             activation: Activation::Relu,
+            likelihood: Likelihood::Bernoulli,
         }
     }
 
@@ -128,9 +188,13 @@ impl Config {
         dims
     }
 
-    /// Total number of weights and biases, or None on overflow.
+    /// Total number of parameters (weights, biases, and the Gaussian likelihood's D
+    /// log-variances), or None on overflow.
     pub fn param_count(&self) -> Option<usize> {
-        let mut total = 0usize;
+        let mut total = match self.likelihood {
+            Likelihood::Bernoulli => 0usize,
+            Likelihood::Gaussian => self.input_dim,
+        };
         let mut add = |i: usize, o: usize| -> Option<()> {
             total = total.checked_add(i.checked_mul(o)?.checked_add(o)?)?;
             Some(())

@@ -1,6 +1,7 @@
-//! Data sets in core memory: rows of D values in [0, 1], checked once when they arrive, held
-//! as 8-bit levels when every value is one (a quarter of the memory), and gathered into
-//! batches. Also the fixed binarization of a data set.
+//! Data sets in core memory: rows of D finite values (intensities in [0, 1] for a Bernoulli
+//! model, any real for a Gaussian one), checked once when they arrive, held as 8-bit levels
+//! when every value is one (a quarter of the memory), and gathered into batches. Also the
+//! fixed binarization of a data set.
 
 use crate::error::{Result, VaeError};
 use crate::first_layer::MAX_DENSITY;
@@ -8,7 +9,16 @@ use crate::rng::{binarize as binarize_row, stream, Purpose};
 use crate::simd::{dispatch, LANES};
 use rayon::prelude::*;
 
-/// Rows of D values in [0, 1], owned by the core so work on them can run without the caller.
+/// The values a data set may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Domain {
+    /// Intensities in [0, 1], as the Bernoulli likelihood needs.
+    Unit,
+    /// Any finite real, as the Gaussian likelihood takes.
+    Real,
+}
+
+/// Rows of D finite values, owned by the core so work on them can run without the caller.
 #[derive(Debug, Clone)]
 pub struct Dataset {
     /// (n, d) row-major.
@@ -17,19 +27,21 @@ pub struct Dataset {
     pub d: usize,
     /// Whether the first layer skips zero inputs (decided by density unless forced).
     pub sparse: bool,
+    /// Whether every value is in [0, 1] (always, for a data set checked as `Domain::Unit`).
+    pub unit: bool,
 }
 
 impl Dataset {
     /// Checks every value is finite and in [0, 1]; the error names the first bad entry. The
     /// sparse first layer is used when the data are sparse enough.
     pub fn new(data: Vec<f32>, n: usize, d: usize) -> Result<Self> {
-        Self::with_layout(data, n, d, None, "x", 0)
+        Self::with_layout(data, n, d, None, "x", 0, Domain::Unit)
     }
 
     /// As `new`, with the first layer's path chosen: `Some(true)` sparse, `Some(false)` dense,
     /// `None` by density. Both give the same results up to float rounding.
     /// `name` is the argument's name in error messages, and `first_row` the index of the
-    /// first row there (for a piece of a larger array).
+    /// first row there (for a piece of a larger array); `domain` what values are accepted.
     pub fn with_layout(
         data: Vec<f32>,
         n: usize,
@@ -37,6 +49,7 @@ impl Dataset {
         sparse: Option<bool>,
         name: &str,
         first_row: usize,
+        domain: Domain,
     ) -> Result<Self> {
         if n == 0 || d == 0 {
             return Err(VaeError::Input(format!(
@@ -49,7 +62,7 @@ impl Dataset {
                 data.len()
             )));
         }
-        check_values(&data, d, name, first_row)?;
+        let unit = check_domain(&data, d, name, first_row, domain)?;
         let sparse = sparse.unwrap_or_else(|| {
             let nnz: usize = data.par_iter().filter(|&&v| v != 0.0).count();
             nnz as f64 <= MAX_DENSITY * data.len() as f64
@@ -63,6 +76,7 @@ impl Dataset {
             n,
             d,
             sparse,
+            unit,
         })
     }
 
@@ -75,10 +89,55 @@ impl Dataset {
         }
     }
 
+    /// An error naming the first value outside [0, 1], if there is one.
+    pub fn check_unit(&self, name: &str) -> Result<()> {
+        match &self.values {
+            Values::F32(v) if !self.unit => check_values(v, self.d, name, 0),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the values are held as 8-bit levels.
     pub fn is_levels(&self) -> bool {
         matches!(self.values, Values::Levels(_))
     }
+}
+
+/// Checks the rows `data` (n, d) hold values of `domain`; whether every value is in [0, 1].
+pub fn check_domain(
+    data: &[f32],
+    d: usize,
+    name: &str,
+    first_row: usize,
+    domain: Domain,
+) -> Result<bool> {
+    if domain == Domain::Unit {
+        return check_values(data, d, name, first_row).map(|_| true);
+    }
+    let bad = data
+        .par_chunks(1 << 16)
+        .position_first(|c| !c.iter().all(|v| v.is_finite()))
+        .and_then(|c| {
+            let base = c << 16;
+            data[base..(base + (1 << 16)).min(data.len())]
+                .iter()
+                .position(|v| !v.is_finite())
+                .map(|i| base + i)
+        });
+    if let Some(i) = bad {
+        let v = data[i];
+        let what = if v.is_nan() {
+            "NaN".to_string()
+        } else {
+            v.to_string()
+        };
+        return Err(VaeError::Input(format!(
+            "{name}[{}, {}] is {what}; inputs must be finite",
+            first_row + i / d,
+            i % d
+        )));
+    }
+    Ok(data.par_chunks(1 << 16).all(unit_interval))
 }
 
 /// Checks every value of the rows `data` (n, d) is finite and in [0, 1]; the error names the

@@ -1,10 +1,11 @@
 //! Inference over whole data sets in chunks, on the model's pool: the one-sample ELBO, q(z|x),
 //! p(x|z) and draws from the prior. (The importance-weighted estimate is in `eval`.)
 
+use crate::config::Likelihood;
 use crate::dataset::Dataset;
 use crate::error::{Result, VaeError};
 use crate::model::Workspace;
-use crate::rng::{fill_normal, stream, Purpose};
+use crate::rng::{binarize as binarize_row, fill_normal, stream, Purpose};
 use crate::train::Model;
 use rayon::prelude::*;
 
@@ -32,7 +33,8 @@ pub fn output_len(n: usize, width: usize) -> Result<usize> {
 }
 
 impl Model {
-    /// Per-example ELBO (= -(BCE + KL), one z sample each) for rows [start, end) of `data`,
+    /// Per-example ELBO (= -(-log p(x|z) + KL), one z sample each, beta = 1 whatever the
+    /// model was trained with) for rows [start, end) of `data`,
     /// which must lie on EVAL_CHUNK boundaries except at the end; noise keyed by (seed, chunk).
     /// `row_offset` (a multiple of EVAL_CHUNK) is where `data` starts in a larger array
     /// evaluated piece by piece, so the pieces draw the noise the whole array would.
@@ -103,7 +105,8 @@ impl Model {
         Ok((mu, logvar))
     }
 
-    /// Bernoulli means sigmoid(logits) (n, D) of p(x|z) for latent rows z (n, Z).
+    /// The means (n, D) of p(x|z) for latent rows z (n, Z): pixel probabilities
+    /// sigmoid(logits) for Bernoulli, the decoder's outputs for Gaussian.
     pub fn decode(&self, z: &[f32]) -> Result<Vec<f32>> {
         let (d, zdim) = (self.vae.config.input_dim, self.vae.config.latent_dim);
         if !z.len().is_multiple_of(zdim) || z.is_empty() {
@@ -132,12 +135,45 @@ impl Model {
                 let n = (n_all - lo).min(EVAL_CHUNK);
                 ws.z[..n * zdim].copy_from_slice(&z[lo * zdim..(lo + n) * zdim]);
                 self.vae.decode_forward(&mut ws, n);
-                let logits = ws.dec.last().expect("decoder output");
-                out[lo * d..(lo + n) * d]
-                    .par_iter_mut()
-                    .zip(&logits[..n * d])
-                    .for_each(|(p, &l)| *p = 1.0 / (1.0 + (-l).exp()));
+                let dec = &ws.dec.last().expect("decoder output")[..n * d];
+                let dst = &mut out[lo * d..(lo + n) * d];
+                match self.vae.config.likelihood {
+                    Likelihood::Bernoulli => dst
+                        .par_iter_mut()
+                        .zip(dec)
+                        .for_each(|(p, &l)| *p = 1.0 / (1.0 + (-l).exp())),
+                    Likelihood::Gaussian => dst.copy_from_slice(dec),
+                }
             }
+        })?;
+        Ok(out)
+    }
+
+    /// Draws x ~ p(x|z) (n, D) for latent rows z (n, Z): 0 or 1 pixels for Bernoulli, means
+    /// plus exp(logvar / 2) N(0, 1) noise for Gaussian; row r's draw keyed by (seed, r).
+    pub fn decode_draw(&self, z: &[f32], seed: u64) -> Result<Vec<f32>> {
+        let mut out = self.decode(z)?;
+        let d = self.vae.config.input_dim;
+        let sd: Option<Vec<f32>> = self.vae.layout.out_logvar.as_ref().map(|lv| {
+            self.vae.params[lv.clone()]
+                .iter()
+                .map(|&v| (0.5 * v).exp())
+                .collect()
+        });
+        self.install(|| {
+            out.par_chunks_mut(d).enumerate().for_each(|(r, row)| {
+                let mut rng = stream(seed, Purpose::Draw, r as u64);
+                match &sd {
+                    None => binarize_row(&mut rng, row),
+                    Some(sd) => {
+                        let mut noise = vec![0.0f32; d];
+                        fill_normal(&mut rng, &mut noise);
+                        for ((x, e), s) in row.iter_mut().zip(&noise).zip(sd) {
+                            *x += s * e;
+                        }
+                    }
+                }
+            })
         })?;
         Ok(out)
     }

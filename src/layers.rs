@@ -287,9 +287,17 @@ pub fn reparam_kl_forward(
         });
 }
 
-/// dhead (B, 2Z) = [dmu | dlogvar] from dz (B, Z) through z and the KL term:
-/// dmu = dz + mu, dlogvar = dz eps sigma / 2 + (exp(logvar) - 1) / 2.
-pub fn reparam_kl_backward(dhead: &mut [f32], dz: &[f32], head: &[f32], eps: &[f32], zdim: usize) {
+/// dhead (B, 2Z) = [dmu | dlogvar] from dz (B, Z) through z and the KL term weighted by
+/// `beta` (1 for the ELBO): dmu = dz + beta mu, dlogvar = dz eps sigma / 2 + beta (exp(logvar)
+/// - 1) / 2.
+pub fn reparam_kl_backward(
+    dhead: &mut [f32],
+    dz: &[f32],
+    head: &[f32],
+    eps: &[f32],
+    zdim: usize,
+    beta: f32,
+) {
     dhead
         .chunks_exact_mut(2 * zdim)
         .enumerate()
@@ -299,10 +307,67 @@ pub fn reparam_kl_backward(dhead: &mut [f32], dz: &[f32], head: &[f32], eps: &[f
             for j in 0..zdim {
                 let g = dz[r * zdim + j];
                 let var = lv[j].exp();
-                dmu[j] = g + mu[j];
-                dlv[j] = 0.5 * g * eps[r * zdim + j] * var.sqrt() + 0.5 * (var - 1.0);
+                dmu[j] = g + beta * mu[j];
+                dlv[j] = 0.5 * g * eps[r * zdim + j] * var.sqrt() + beta * (0.5 * (var - 1.0));
             }
         });
+}
+
+/// 0.5 log(2 pi), the Gaussian density's constant per feature.
+pub const HALF_LN_2PI: f64 = 0.918_938_533_204_672_8;
+
+/// Gaussian negative log-likelihood of targets x under means m (B, D) and per-feature
+/// log-variances lv (D), summed per row: sum_j 0.5 log(2 pi) + lv_j / 2 + (x - m)^2 / (2 exp(lv_j)).
+/// With `grad`, overwrites the means with dL/dm = (m - x) exp(-lv). Writes each row's sum
+/// into `row_loss` (B), summed in f64 (the squared errors of unscaled data can be large).
+pub fn gaussian_nll_forward_backward(
+    row_loss: &mut [f64],
+    means: &mut [f32],
+    x: &[f32],
+    logvar: &[f32],
+    d: usize,
+    grad: bool,
+) {
+    let b = row_loss.len();
+    let inv_var: Vec<f32> = logvar.iter().map(|&v| (-v).exp()).collect();
+    let constant: f64 = logvar.iter().map(|&v| HALF_LN_2PI + 0.5 * v as f64).sum();
+    let chunk = rows_per_task(b, d);
+    means[..b * d]
+        .par_chunks_mut(chunk * d)
+        .zip(row_loss.par_chunks_mut(chunk))
+        .zip(x[..b * d].par_chunks(chunk * d))
+        .for_each(|((rows, losses), xs)| {
+            for ((row, loss), xr) in rows.chunks_exact_mut(d).zip(losses).zip(xs.chunks_exact(d)) {
+                let mut acc = 0.0f64;
+                for ((m, &t), &iv) in row.iter_mut().zip(xr).zip(&inv_var) {
+                    let diff = *m - t;
+                    acc += (diff * diff * iv) as f64;
+                    if grad {
+                        *m = diff * iv;
+                    }
+                }
+                *loss = constant + 0.5 * acc;
+            }
+        });
+}
+
+/// dlv (D) = d/dlv of the Gaussian NLL summed over the batch, from dm (B, D) =
+/// (m - x) exp(-lv) as `gaussian_nll_forward_backward` left it: sum over rows of
+/// (1 - (x - m)^2 exp(-lv)) / 2 = (1 - dm^2 exp(lv)) / 2.
+pub fn gaussian_logvar_backward(dlv: &mut [f32], dm: &[f32], logvar: &[f32], b: usize) {
+    let d = dlv.len();
+    let var: Vec<f32> = logvar.iter().map(|&v| v.exp()).collect();
+    // One column block per task, the rows summed in order: the same sum on any pool.
+    let block = d.div_ceil(rayon::current_num_threads().max(1)).max(64);
+    dlv.par_chunks_mut(block).enumerate().for_each(|(c, out)| {
+        let lo = c * block;
+        out.fill(0.0);
+        for row in dm[..b * d].chunks_exact(d) {
+            for ((o, &g), &v) in out.iter_mut().zip(&row[lo..]).zip(&var[lo..]) {
+                *o += 0.5 * (1.0 - g * g * v);
+            }
+        }
+    });
 }
 
 #[cfg(test)]

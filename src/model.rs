@@ -2,8 +2,10 @@
 //! `first_layer`. Weights only: the optimizer and the step are in `step`.
 //!
 //! Forward: x (B, D) -> encoder (B, h1) ... (B, hk) -> head (B, 2Z) = [mu | logvar]
-//! -> z = mu + exp(logvar / 2) eps (B, Z) -> decoder (B, hk) ... (B, h1) -> logits (B, D).
-//! Loss per example: -log p(x|z) (Bernoulli, summed over D) + KL(q(z|x) || N(0, I)).
+//! -> z = mu + exp(logvar / 2) eps (B, Z) -> decoder (B, hk) ... (B, h1) -> out (B, D): the
+//! logits of Bernoulli pixels, or the means of Gaussians with learned per-feature
+//! log-variances. Loss per example: -log p(x|z) (summed over D) + beta KL(q(z|x) || N(0, I)),
+//! with beta = 1 (the negative ELBO) unless training weights the KL otherwise.
 //!
 //! The passes run in three stretches: the encoder's hidden layers (the first through
 //! `first_layer`), the latent block (the head, the reparameterization and the decoder's first
@@ -13,7 +15,8 @@ use crate::config::{Activation, Config};
 use crate::first_layer::{self, BatchNonzeros};
 use crate::layers::{
     activation_backward, activation_backward_rows, bce_logits_forward_backward, bias_backward,
-    linear_backward, linear_forward, linear_forward_on, reparam_kl_backward, reparam_kl_forward,
+    gaussian_logvar_backward, gaussian_nll_forward_backward, linear_backward, linear_forward,
+    linear_forward_on, reparam_kl_backward, reparam_kl_forward,
 };
 use crate::matmul::{matmul_on, Op};
 use crate::params::{LinearLayout, ParamLayout};
@@ -55,6 +58,8 @@ pub struct Workspace {
     pub dec: Vec<Vec<f32>>,
     /// (B) per-example -log p(x|z) and KL.
     pub bce: Vec<f64>,
+    /// The KL term's weight in the loss and its gradient (beta; 1 for the ELBO).
+    pub kl_weight: f32,
     pub kl: Vec<f64>,
     /// Gradients with respect to `enc`, `head`, `z` and the decoder's hidden layers.
     pub denc: Vec<Vec<f32>>,
@@ -98,6 +103,7 @@ impl Workspace {
             z: buf(z),
             dec,
             bce: vec![0.0; cap],
+            kl_weight: 1.0,
             kl: vec![0.0; cap],
             dhead: grad(2 * z),
             dz: grad(z),
@@ -295,24 +301,31 @@ impl Vae {
         self.decode_from(ws, n, usize::from(self.latent_has_dec0()));
     }
 
-    /// Per-example -log p(x|z) into ws.bce; with `grad`, the logits become their gradient.
+    /// Per-example -log p(x|z) into ws.bce; with `grad`, the decoder's outputs (logits or
+    /// Gaussian means) become their gradient.
     pub fn reconstruction_loss(&self, ws: &mut Workspace, n: usize, grad: bool) {
         let d = self.config.input_dim;
-        let logits = ws.dec.last_mut().expect("decoder has an output layer");
-        bce_logits_forward_backward(
-            &mut ws.bce[..n],
-            &mut logits[..n * d],
-            &ws.x[..n * d],
-            d,
-            grad,
-        );
+        let out = ws.dec.last_mut().expect("decoder has an output layer");
+        let (loss, out, x) = (&mut ws.bce[..n], &mut out[..n * d], &ws.x[..n * d]);
+        match &self.layout.out_logvar {
+            None => bce_logits_forward_backward(loss, out, x, d, grad),
+            Some(lv) => {
+                gaussian_nll_forward_backward(loss, out, x, &self.params[lv.clone()], d, grad)
+            }
+        }
     }
 
-    /// After `forward`: the loss summed over the n rows (BCE + KL), the logits turned into
-    /// their gradient for `backward`.
+    /// After `forward`: the loss summed over the n rows (-log p(x|z) + beta KL, beta being
+    /// ws.kl_weight), the decoder's outputs turned into their gradient for `backward`.
     pub fn loss(&self, ws: &mut Workspace, n: usize) -> f64 {
         self.reconstruction_loss(ws, n, true);
-        ws.bce[..n].iter().sum::<f64>() + ws.kl[..n].iter().sum::<f64>()
+        let kl: f64 = ws.kl[..n].iter().sum();
+        let kl = if ws.kl_weight == 1.0 {
+            kl
+        } else {
+            ws.kl_weight as f64 * kl
+        };
+        ws.bce[..n].iter().sum::<f64>() + kl
     }
 
     /// After `loss`: the gradient of the loss with respect to every parameter, written into
@@ -331,6 +344,10 @@ impl Vae {
     fn decoder_backward(&self, grads: &mut [f32], ws: &mut Workspace, n: usize) {
         let (act, params) = (self.act(), &self.params);
         let layers = &self.layout.decoder;
+        if let Some(lv) = &self.layout.out_logvar {
+            let dm = ws.dec.last().expect("decoder has an output layer");
+            gaussian_logvar_backward(&mut grads[lv.clone()], dm, &params[lv.clone()], n);
+        }
         for j in (usize::from(self.latent_has_dec0())..layers.len()).rev() {
             let l = &layers[j];
             let (dw, db) = weight_grads(grads, l);
@@ -361,6 +378,7 @@ impl Vae {
     /// gradients summed over the parts in part order.
     fn latent_backward(&self, grads: &mut [f32], ws: &mut Workspace, n: usize) {
         let (zd, act, p) = (self.config.latent_dim, self.act(), &self.params);
+        let beta = ws.kl_weight;
         let h = &self.layout.head;
         let d0 = self.latent_has_dec0().then(|| &self.layout.decoder[0]);
         let h1 = h.in_dim;
@@ -425,7 +443,7 @@ impl Vae {
                 matmul_on(1, gd_w, ddec, transposed, part.z, plain, hd, r, zd, None);
                 bias_backward(gd_b, ddec, r, hd);
             }
-            reparam_kl_backward(part.dhead, part.dz, part.head, part.eps, zd);
+            reparam_kl_backward(part.dhead, part.dz, part.head, part.eps, zd, beta);
             let wh = weights(p, h).0;
             if let Some(dinp) = part.dinp {
                 matmul_on(1, dinp, part.dhead, plain, wh, plain, r, 2 * zd, h1, None);

@@ -5,7 +5,7 @@
 //! logvar heads are one (2Z, H) matrix whose first Z rows are fc_mu and last Z rows fc_logvar,
 //! so both heads are one product; each named tensor is still a contiguous range.
 
-use crate::config::Config;
+use crate::config::{Config, Likelihood};
 use crate::rng::{stream, Purpose};
 use rand::RngExt;
 use std::ops::Range;
@@ -73,8 +73,10 @@ pub struct ParamLayout {
     pub encoder: Vec<LinearLayout>,
     /// hk -> 2Z: [mu | logvar].
     pub head: LinearLayout,
-    /// Z -> hk -> ... -> h1 -> D; activation after all but the last (logits).
+    /// Z -> hk -> ... -> h1 -> D; activation after all but the last (logits, or Gaussian means).
     pub decoder: Vec<LinearLayout>,
+    /// The Gaussian likelihood's per-feature log-variances (D), last in the buffer.
+    pub out_logvar: Option<Range<usize>>,
     pub len: usize,
 }
 
@@ -105,10 +107,16 @@ impl ParamLayout {
             .windows(2)
             .map(|w| linear(w[0], w[1], false))
             .collect();
+        let out_logvar = (config.likelihood == Likelihood::Gaussian).then(|| {
+            let r = len..len + config.input_dim;
+            len = r.end;
+            r
+        });
         ParamLayout {
             encoder,
             head,
             decoder,
+            out_logvar,
             len,
         }
     }
@@ -157,6 +165,9 @@ impl ParamLayout {
         for (j, l) in self.decoder.iter().enumerate() {
             linear(format!("decoder.{j}"), l);
         }
+        if let Some(r) = &self.out_logvar {
+            push("decoder_logvar".into(), vec![r.len()], r.clone(), false);
+        }
         out
     }
 
@@ -168,7 +179,8 @@ impl ParamLayout {
             .chain(self.decoder.iter())
     }
 
-    /// torch.nn.Linear's default init: weights and biases U(-1/sqrt(in), 1/sqrt(in)).
+    /// torch.nn.Linear's default init: weights and biases U(-1/sqrt(in), 1/sqrt(in)); the
+    /// Gaussian log-variances start at 0 (unit variance, the scale of standardized data).
     pub fn init(&self, seed: u64) -> Vec<f32> {
         let mut params = vec![0.0f32; self.len];
         for (i, l) in self.layers().enumerate() {

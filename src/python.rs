@@ -2,8 +2,8 @@
 //! around core work, and maps `VaeError` to fastvae's exception classes. No numerics here.
 
 use crate::checkpoint;
-use crate::config::{self, Activation, Config};
-use crate::dataset::{self, Dataset};
+use crate::config::{self, Activation, Config, Likelihood};
+use crate::dataset::{self, Dataset, Domain};
 use crate::error::VaeError;
 use crate::infer::{EVAL_CHUNK, EVAL_PIECE_ROWS, LOG_LIKELIHOOD_CALL_ROWS};
 use crate::params::TensorSpec;
@@ -12,7 +12,7 @@ use crate::train::{EpochRun, Model};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyFloatingPointError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 use std::collections::HashMap;
 
 #[global_allocator]
@@ -137,7 +137,25 @@ fn rows_to_py<'py>(
     PyArray1::from_vec(py, v).reshape([n, d])
 }
 
-/// Rows in [0, 1] copied into memory the core owns, validated once.
+fn parse_domain(domain: &str) -> PyResult<Domain> {
+    match domain {
+        "unit" => Ok(Domain::Unit),
+        "real" => Ok(Domain::Real),
+        other => Err(ConfigError::new_err(format!(
+            "domain must be \"unit\" or \"real\", got {other:?}"
+        ))),
+    }
+}
+
+/// The values a model's data may hold.
+fn model_domain(model: &Model) -> Domain {
+    match model.vae.config.likelihood {
+        Likelihood::Bernoulli => Domain::Unit,
+        Likelihood::Gaussian => Domain::Real,
+    }
+}
+
+/// Rows of finite values copied into memory the core owns, validated once.
 #[pyclass(name = "Dataset", module = "fastvae._core", frozen)]
 struct PyDataset {
     inner: Dataset,
@@ -146,20 +164,24 @@ struct PyDataset {
 #[pymethods]
 impl PyDataset {
     /// `sparse`: None picks the first layer's path by density; True or False forces it.
+    /// `name` and `first_row` locate bad values in error messages. `domain`: "unit" accepts
+    /// values in [0, 1] only (Bernoulli models), "real" any finite value (Gaussian models).
     #[new]
-    /// `name` and `first_row` locate bad values in error messages.
-    #[pyo3(signature = (x, sparse=None, name="x", first_row=0))]
+    #[pyo3(signature = (x, sparse=None, name="x", first_row=0, domain="unit"))]
     fn new(
         py: Python<'_>,
         x: &Bound<'_, PyAny>,
         sparse: Option<bool>,
         name: &str,
         first_row: usize,
+        domain: &str,
     ) -> PyResult<Self> {
+        let domain = parse_domain(domain)?;
         let (data, n, d) = array_to_rows(x, name)?;
         let inner = py
             .detach(|| {
-                pool::shared().install(|| Dataset::with_layout(data, n, d, sparse, name, first_row))
+                pool::shared()
+                    .install(|| Dataset::with_layout(data, n, d, sparse, name, first_row, domain))
             })
             .and_then(|r| r)
             .map_err(to_py)?;
@@ -175,6 +197,12 @@ impl PyDataset {
     #[getter]
     fn sparse(&self) -> bool {
         self.inner.sparse
+    }
+
+    /// Whether every value is in [0, 1].
+    #[getter]
+    fn unit(&self) -> bool {
+        self.inner.unit
     }
 }
 
@@ -275,9 +303,34 @@ fn dict_to_tensors(
     Ok(flat)
 }
 
+impl PyModel {
+    fn from_checkpoint(
+        ck: checkpoint::Checkpoint,
+        threads: usize,
+    ) -> PyResult<(PyModel, HashMap<String, String>, bool)> {
+        let extra = ck.extra.clone();
+        let has_optimizer = ck.adam.is_some();
+        let inner = Model::from_checkpoint(ck, threads).map_err(to_py)?;
+        Ok((PyModel { inner }, extra, has_optimizer))
+    }
+
+    /// z (n, Z) as a row-major buffer, with n.
+    fn latent_rows(&self, z: &Bound<'_, PyAny>) -> PyResult<(Vec<f32>, usize)> {
+        let (z, n, zdim) = array_to_rows(z, "z")?;
+        let want = self.inner.vae.config.latent_dim;
+        if zdim != want {
+            return Err(InputError::new_err(format!(
+                "z has {zdim} columns, expected shape (n, {want})"
+            )));
+        }
+        Ok((z, n))
+    }
+}
+
 #[pymethods]
 impl PyModel {
     #[new]
+    #[pyo3(signature = (input_dim, hidden_dims, latent_dim, activation, seed, threads, likelihood="bernoulli"))]
     fn new(
         input_dim: usize,
         hidden_dims: Vec<usize>,
@@ -285,9 +338,12 @@ impl PyModel {
         activation: &str,
         seed: u64,
         threads: usize,
+        likelihood: &str,
     ) -> PyResult<Self> {
         let act = Activation::parse(activation).map_err(to_py)?;
-        let config = Config::new(input_dim, hidden_dims, latent_dim, act).map_err(to_py)?;
+        let likelihood = Likelihood::parse(likelihood).map_err(to_py)?;
+        let config = Config::with_likelihood(input_dim, hidden_dims, latent_dim, act, likelihood)
+            .map_err(to_py)?;
         Ok(PyModel {
             inner: Model::new(config, seed, threads).map_err(to_py)?,
         })
@@ -309,6 +365,11 @@ impl PyModel {
     fn param_count(&self) -> usize {
         self.inner.vae.params.len()
     }
+    /// "bernoulli" or "gaussian".
+    #[getter]
+    fn likelihood(&self) -> &'static str {
+        self.inner.vae.config.likelihood.name()
+    }
 
     /// Copies of the weights, named and shaped as PyTorch nn.Linear state_dict entries.
     fn weights<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -323,6 +384,14 @@ impl PyModel {
             weights,
             "weights",
         )?;
+        if let Some(lv) = &self.inner.vae.layout.out_logvar {
+            let (lo, hi) = (config::LOGVAR_MIN, config::LOGVAR_MAX);
+            if let Some(v) = flat[lv.clone()].iter().find(|v| !(lo..=hi).contains(*v)) {
+                return Err(InputError::new_err(format!(
+                    "weights[\"decoder_logvar\"] holds {v}, outside the log-variances' range [{lo}, {hi}]"
+                )));
+            }
+        }
         self.inner.vae.params = flat;
         Ok(())
     }
@@ -363,17 +432,20 @@ impl PyModel {
     }
 
     /// Start the next epoch over `data`: a Dataset, or a 2-D array the core does not hold
-    /// (memory-mapped), whose batches `run` then gathers one at a time.
+    /// (memory-mapped), whose batches `run` then gathers one at a time. `beta` weights the KL
+    /// term of the loss trained on (1: the ELBO).
+    #[pyo3(signature = (data, batch_size, lr, binarize, beta=1.0))]
     fn begin_epoch(
         &self,
         data: &Bound<'_, PyAny>,
         batch_size: usize,
         lr: f64,
         binarize: bool,
+        beta: f64,
     ) -> PyResult<PyEpochRun> {
         let inner = self
             .inner
-            .begin_epoch(row_count(data)?, batch_size, lr, binarize)
+            .begin_epoch(row_count(data)?, batch_size, lr, binarize, beta)
             .map_err(to_py)?;
         Ok(PyEpochRun { inner })
     }
@@ -404,10 +476,11 @@ impl PyModel {
             let (values, d) = gather_array_rows(data, rows)?;
             let model = &mut self.inner;
             let epoch = &mut run.inner;
+            let domain = model_domain(model);
             py.detach(|| {
                 let name = "x (a gathered batch)";
-                let batch =
-                    model.install(|| Dataset::with_layout(values, n, d, None, name, 0))??;
+                let batch = model
+                    .install(|| Dataset::with_layout(values, n, d, None, name, 0, domain))??;
                 model.run_gathered(&batch, epoch)
             })
             .map_err(to_py)?;
@@ -468,17 +541,22 @@ impl PyModel {
         Ok(PyArray1::from_vec(py, out))
     }
 
-    /// Loss and gradients (weight-named dict) for x with the given noise eps (B, Z).
+    /// Loss and gradients (weight-named dict) for x with the given noise eps (B, Z), the KL
+    /// weighted by beta.
+    #[pyo3(signature = (x, eps, beta=1.0))]
     fn loss_and_grads<'py>(
         &self,
         py: Python<'py>,
         x: &Bound<'py, PyDataset>,
         eps: &Bound<'py, PyAny>,
+        beta: f64,
     ) -> PyResult<(f64, Bound<'py, PyDict>)> {
         let (eps, _, _) = array_to_rows(eps, "eps")?;
         let x = &x.get().inner;
         let model = &self.inner;
-        let (loss, grads) = py.detach(|| model.loss_and_grads(x, &eps)).map_err(to_py)?;
+        let (loss, grads) = py
+            .detach(|| model.loss_and_grads(x, &eps, beta))
+            .map_err(to_py)?;
         Ok((
             loss,
             tensors_to_dict(py, &self.inner.vae.layout.tensors(), &grads)?,
@@ -516,22 +594,55 @@ impl PyModel {
         ))
     }
 
-    /// Bernoulli means (n, D) for latent codes z (n, Z).
+    /// The means of p(x|z) (n, D) for latent codes z (n, Z): probabilities for Bernoulli.
     fn decode<'py>(
         &self,
         py: Python<'py>,
         z: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let (z, n, zdim) = array_to_rows(z, "z")?;
-        let want = self.inner.vae.config.latent_dim;
-        if zdim != want {
-            return Err(InputError::new_err(format!(
-                "z has {zdim} columns, expected shape (n, {want})"
-            )));
-        }
+        let (z, n) = self.latent_rows(z)?;
         let model = &self.inner;
-        let probs = py.detach(|| model.decode(&z)).map_err(to_py)?;
-        rows_to_py(py, probs, n, model.vae.config.input_dim)
+        let means = py.detach(|| model.decode(&z)).map_err(to_py)?;
+        rows_to_py(py, means, n, model.vae.config.input_dim)
+    }
+
+    /// Draws x ~ p(x|z) (n, D) for latent codes z (n, Z), row r keyed by (seed, r).
+    fn decode_draw<'py>(
+        &self,
+        py: Python<'py>,
+        z: &Bound<'py, PyAny>,
+        seed: u64,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let (z, n) = self.latent_rows(z)?;
+        let model = &self.inner;
+        let draws = py.detach(|| model.decode_draw(&z, seed)).map_err(to_py)?;
+        rows_to_py(py, draws, n, model.vae.config.input_dim)
+    }
+
+    /// The model file's bytes (as `save` writes them).
+    fn to_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        include_optimizer: bool,
+        extra: HashMap<String, String>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let model = &self.inner;
+        let bytes = py
+            .detach(|| checkpoint::to_bytes(model, include_optimizer, &extra))
+            .map_err(to_py)?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// A model from a model file's bytes, checked as `load` checks a file: the model, its
+    /// extra metadata, and whether it held optimizer state.
+    #[staticmethod]
+    fn from_bytes(
+        py: Python<'_>,
+        data: &[u8],
+        threads: usize,
+    ) -> PyResult<(PyModel, HashMap<String, String>, bool)> {
+        let ck = py.detach(|| checkpoint::from_bytes(data)).map_err(to_py)?;
+        Self::from_checkpoint(ck, threads)
     }
 
     /// Write a safetensors model file atomically; `extra` adds metadata entries.
@@ -555,10 +666,7 @@ impl PyModel {
         threads: usize,
     ) -> PyResult<(PyModel, HashMap<String, String>, bool)> {
         let ck = py.detach(|| checkpoint::load(&path)).map_err(to_py)?;
-        let extra = ck.extra.clone();
-        let has_optimizer = ck.adam.is_some();
-        let inner = Model::from_checkpoint(ck, threads).map_err(to_py)?;
-        Ok((PyModel { inner }, extra, has_optimizer))
+        Self::from_checkpoint(ck, threads)
     }
 
     /// (input_dim, hidden_dims, latent_dim, activation, seed).
@@ -646,6 +754,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_THREADS", config::MAX_THREADS)?;
     m.add("MAX_K", config::MAX_K)?;
     m.add("ACTIVATIONS", config::ACTIVATIONS.to_vec())?;
+    m.add("LIKELIHOODS", config::LIKELIHOODS.to_vec())?;
+    m.add("LOGVAR_MIN", config::LOGVAR_MIN)?;
+    m.add("LOGVAR_MAX", config::LOGVAR_MAX)?;
+    m.add("MAX_BETA", config::MAX_BETA)?;
     m.add("DEFAULT_EPOCHS", config::DEFAULT_EPOCHS)?;
     m.add("DEFAULT_BATCH_SIZE", config::DEFAULT_BATCH_SIZE)?;
     m.add("DEFAULT_LR", config::DEFAULT_LR)?;

@@ -19,6 +19,7 @@ pub enum Purpose {
     Binarize = 6,
     ImportanceNoise = 7,
     FixedBinarize = 8,
+    Draw = 9,
 }
 
 /// SplitMix64 finalizer: a bijective mix, so distinct keys give unrelated seeds.

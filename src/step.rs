@@ -2,6 +2,7 @@
 //! forward, loss, backward, the finiteness check and Adam, with the first layer's weight
 //! gradient fused into its Adam update when the batch's nonzeros are indexed.
 
+use crate::config::{LOGVAR_MAX, LOGVAR_MIN};
 use crate::error::{Result, VaeError};
 use crate::first_layer::{sparse_weight_backward, GradSink};
 use crate::layers::for_rows;
@@ -119,21 +120,34 @@ impl Trainer<'_> {
 const GRAD_SUM_LIMIT: f32 = 1e37;
 
 /// Whether every gradient is certainly finite, reading the two largest weight gradients'
-/// inputs instead of the gradients. Once the loss is finite every logit is, so the output
-/// layer's weight gradient sums dl * inp with |dl| = |sigmoid(l) - x| <= 1; the first layer's
-/// sums x * dh with x in [0, 1]. Each is finite when n * max of its other factor is bounded.
-/// The first layer's weight gradient need not have been computed.
+/// inputs instead of the gradients. The output layer's weight gradient sums dl * inp, where
+/// |dl| = |sigmoid(l) - x| <= 1 for Bernoulli pixels (Gaussian: the largest |dl|, read); the
+/// first layer's sums x * dh, where |x| <= 1 for Bernoulli pixels (Gaussian: the largest |x|).
+/// Each is finite when n * max of its one factor * max of the other is bounded. The first
+/// layer's weight gradient need not have been computed.
 fn gradients_finite(vae: &Vae, grads: &[f32], ws: &Workspace, n: usize) -> bool {
     let limit = GRAD_SUM_LIMIT / n as f32;
     let layout = &vae.layout;
     let out = layout.decoder.last().expect("decoder has an output layer");
+    let d = vae.config.input_dim;
+    let (out_scale, in_scale) = match layout.out_logvar {
+        None => (1.0, 1.0),
+        Some(_) => {
+            let dl = &ws.dec.last().expect("decoder has an output layer")[..n * d];
+            (max_abs(dl), max_abs(&ws.x[..n * d]))
+        }
+    };
+    // NaN fails every comparison, so a NaN scale fails the check too.
+    if !(out_scale < f32::MAX && in_scale < f32::MAX) {
+        return false;
+    }
     let out_inp = match layout.decoder.len() {
         1 => &ws.z[..n * out.in_dim],
         k => &ws.dec[k - 2][..n * out.in_dim],
     };
     let mut skip = [out.weight.clone(), 0..0];
     if let Some(first) = layout.encoder.first() {
-        if !all_within(&ws.denc[0][..n * first.out_dim], limit) {
+        if !all_within(&ws.denc[0][..n * first.out_dim], limit / in_scale.max(1.0)) {
             return false;
         }
         skip[1] = first.weight.clone();
@@ -146,13 +160,30 @@ fn gradients_finite(vae: &Vae, grads: &[f32], ws: &Workspace, n: usize) -> bool 
         }
         from = r.end.max(from);
     }
-    all_within(out_inp, limit) && all_finite(&grads[from..])
+    all_within(out_inp, limit / out_scale.max(1.0)) && all_finite(&grads[from..])
+}
+
+/// The largest |v| (NaN if any value is NaN).
+fn max_abs(values: &[f32]) -> f32 {
+    values.iter().fold(0.0f32, |m, &v| {
+        if v.is_nan() || m.is_nan() {
+            f32::NAN
+        } else {
+            m.max(v.abs())
+        }
+    })
 }
 
 /// Adam on every parameter from `from` on (past the first layer's weight when that was
 /// updated already), in one parallel pass: the small layers' ranges, each too short to split,
 /// then go along with the large ones.
+/// The Gaussian log-variances are then put back into [LOGVAR_MIN, LOGVAR_MAX].
 fn adam_from(vae: &mut Vae, grads: &[f32], adam: &mut AdamState, kernel: AdamKernel, from: usize) {
     let (p, g) = (&mut vae.params[from..], &grads[from..]);
     adam_update(p, g, &mut adam.m[from..], &mut adam.v[from..], kernel);
+    if let Some(lv) = &vae.layout.out_logvar {
+        for v in &mut vae.params[lv.clone()] {
+            *v = v.clamp(LOGVAR_MIN, LOGVAR_MAX);
+        }
+    }
 }

@@ -7,7 +7,7 @@
 //! array larger than memory) are gathered by the caller batch by batch, in the order the
 //! epoch gives (`EpochRun::next_rows`, `Model::run_gathered`), with the same results.
 
-use crate::config::{Config, MAX_LR};
+use crate::config::{Config, Likelihood, MAX_BETA, MAX_LR};
 use crate::dataset::{gather, Dataset};
 use crate::error::{Result, VaeError};
 use crate::model::{FirstWeight, Vae, Workspace};
@@ -45,6 +45,16 @@ fn forced_pool(threads: usize) -> Option<usize> {
     }
 }
 
+fn check_beta(beta: f64) -> Result<()> {
+    if beta.is_finite() && (0.0..=MAX_BETA).contains(&beta) {
+        Ok(())
+    } else {
+        Err(VaeError::Config(format!(
+            "beta must be finite, at least 0 and at most {MAX_BETA:e}, got {beta}"
+        )))
+    }
+}
+
 fn check_lr(lr: f64) -> Result<()> {
     if lr.is_finite() && lr > 0.0 && lr <= MAX_LR {
         Ok(())
@@ -65,6 +75,8 @@ pub struct EpochRun {
     lr: f64,
     /// Dynamic binarization: every image is a fresh Bernoulli draw each time it is used.
     binarize: bool,
+    /// The KL term's weight.
+    beta: f32,
 }
 
 impl EpochRun {
@@ -128,16 +140,26 @@ impl Model {
                 data.d, self.vae.config.input_dim, self.vae.config.input_dim
             )));
         }
+        if self.vae.config.likelihood == Likelihood::Bernoulli {
+            data.check_unit("x").map_err(|e| match e {
+                VaeError::Input(m) => VaeError::Input(format!(
+                    "{m} for the Bernoulli likelihood (a likelihood=\"gaussian\" model takes any real values)"
+                )),
+                e => e,
+            })?;
+        }
         Ok(())
     }
 
     /// Start the next epoch over n rows: the shuffle is keyed by the seed and the epoch count.
+    /// `beta` weights the KL term of the loss trained on (1: the ELBO).
     pub fn begin_epoch(
         &self,
         n: usize,
         batch_size: usize,
         lr: f64,
         binarize: bool,
+        beta: f64,
     ) -> Result<EpochRun> {
         if n == 0 {
             return Err(VaeError::Input("x is empty: need at least one row".into()));
@@ -146,6 +168,13 @@ impl Model {
             return Err(VaeError::Config("batch_size must be positive".into()));
         }
         check_lr(lr)?;
+        check_beta(beta)?;
+        if binarize && self.vae.config.likelihood != Likelihood::Bernoulli {
+            return Err(VaeError::Config(
+                "binarize=\"dynamic\" draws Bernoulli pixels: it needs likelihood=\"bernoulli\""
+                    .into(),
+            ));
+        }
         let order = permutation(&mut stream(self.seed, Purpose::Shuffle, self.epoch), n);
         Ok(EpochRun {
             order,
@@ -154,6 +183,7 @@ impl Model {
             loss_sum: 0.0,
             lr,
             binarize,
+            beta: beta as f32,
         })
     }
 
@@ -172,6 +202,7 @@ impl Model {
         let d = data.d;
         let which = self.choice.pick();
         let (mut trainer, pool) = self.trainer(run.batch_size, run.lr, which)?;
+        trainer.ws.kl_weight = run.beta;
         let (t0, rows0) = (std::time::Instant::now(), run.next);
         let slice = || {
             for _ in 0..max_batches {
@@ -205,6 +236,7 @@ impl Model {
         }
         let which = self.choice.pick();
         let (mut trainer, pool) = self.trainer(run.batch_size, run.lr, which)?;
+        trainer.ws.kl_weight = run.beta;
         let t0 = std::time::Instant::now();
         batch.read_rows(&mut trainer.ws.x[..n * batch.d], 0, n);
         run.loss_sum += pool.install(|| trainer.step(n, batch.sparse, run.binarize))?;
@@ -276,10 +308,12 @@ impl Model {
         Ok(ws)
     }
 
-    /// Loss and gradients for one batch with the given noise, without changing the model
-    /// (for tests and checks). x (B, D), eps (B, Z).
-    pub fn loss_and_grads(&self, x: &Dataset, eps: &[f32]) -> Result<(f64, Vec<f32>)> {
+    /// Loss and gradients for one batch with the given noise and KL weight, without changing
+    /// the model (for tests and checks). x (B, D), eps (B, Z).
+    pub fn loss_and_grads(&self, x: &Dataset, eps: &[f32], beta: f64) -> Result<(f64, Vec<f32>)> {
+        check_beta(beta)?;
         let mut ws = self.batch_with_noise(x, eps)?;
+        ws.kl_weight = beta as f32;
         let mut grads = vec![0.0; self.vae.params.len()];
         let vae = &self.vae;
         let loss = self.install(|| {
@@ -339,7 +373,7 @@ mod tests {
             let cfg = Config::new(d, vec![24], 3, Activation::Relu).unwrap();
             let mut model = Model::new(cfg, 7, 2).unwrap();
             model.choice = PoolChoice::new(Some(which));
-            let mut run = model.begin_epoch(n, 64, 1e-3, true).unwrap();
+            let mut run = model.begin_epoch(n, 64, 1e-3, true, 1.0).unwrap();
             model.run(&data, &mut run, usize::MAX).unwrap();
             model.end_epoch(&run).unwrap();
             model.vae.params

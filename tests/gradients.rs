@@ -17,6 +17,8 @@
 // Layer functions take their dims explicitly, as llm.c's do.
 #![allow(clippy::too_many_arguments)]
 
+use fastvae::config::Likelihood;
+use fastvae::dataset::Domain;
 use fastvae::first_layer::{self, sparse_weight_backward, BatchNonzeros, GradSink};
 use fastvae::layers::{
     activation_backward, bce_logits_forward_backward, bias_activation, bias_backward,
@@ -261,7 +263,7 @@ fn reparam_kl_backward_matches_finite_differences() {
     let (zs, kl) = forward(&head);
     let scale = abs_dot(&zs, &r) + kl;
     let mut dhead = vec![f32::NAN; b * 2 * z];
-    reparam_kl_backward(&mut dhead, &r, &head, &eps, z);
+    reparam_kl_backward(&mut dhead, &r, &head, &eps, z, 1.0);
     let (mu, logvar): (Vec<usize>, Vec<usize>) = (0..b * 2 * z).partition(|k| k % (2 * z) < z);
     for (name, at) in [("dmu", mu), ("dlogvar", logvar)] {
         let n = numeric(&mut head, &at, H, |h| {
@@ -356,16 +358,50 @@ fn active(model: &Model, data: &Dataset, eps: &[f32]) -> Vec<bool> {
 /// loss. With relu, a step that would take any hidden unit across the kink (between any two
 /// of the points differenced) is quartered, up to twice; an entry still at a kink (a unit's pre-activation
 /// within 1/256 of 0, which B = 32 rows make likely) is not checked.
+/// The Gaussian likelihood's inputs are real (signed, beyond 1) and its log-variances start
+/// away from 0, so every term of their gradient counts; `beta` weights the KL.
 fn check_model(act: Activation, hidden: &[usize], sparse: bool, threads: usize) {
+    check_model_with(act, hidden, sparse, threads, Likelihood::Bernoulli, 1.0)
+}
+
+fn check_model_with(
+    act: Activation,
+    hidden: &[usize],
+    sparse: bool,
+    threads: usize,
+    likelihood: Likelihood,
+    beta: f64,
+) {
     // On two threads B = 32, so that the latent block runs in two parts of 16 rows.
     let (b, d, z) = (if threads > 1 { 32 } else { 4 }, 9, 2);
-    let config = Config::new(d, hidden.to_vec(), z, act).unwrap();
+    let config = Config::with_likelihood(d, hidden.to_vec(), z, act, likelihood).unwrap();
     let mut model = Model::new(config, 3, threads).unwrap();
-    let x = sparse_inputs(b, d, 2, 17);
-    let data = Dataset::with_layout(x, b, d, Some(sparse), "x", 0).unwrap();
+    let mut x = sparse_inputs(b, d, 2, 17);
+    let domain = match likelihood {
+        Likelihood::Bernoulli => Domain::Unit,
+        Likelihood::Gaussian => {
+            for (i, v) in x.iter_mut().enumerate() {
+                *v *= if i % 3 == 0 { -2.5 } else { 1.5 };
+            }
+            let lv = model
+                .vae
+                .layout
+                .out_logvar
+                .clone()
+                .expect("a Gaussian model");
+            let init = pseudo(lv.len(), 23);
+            for (p, v) in model.vae.params[lv].iter_mut().zip(init) {
+                *p = v;
+            }
+            Domain::Real
+        }
+    };
+    let data = Dataset::with_layout(x, b, d, Some(sparse), "x", 0, domain).unwrap();
     let eps: Vec<f32> = pseudo(b * z, 19).iter().map(|v| 3.0 * v).collect();
-    let (loss, grads) = model.loss_and_grads(&data, &eps).unwrap();
-    let what = format!("{act:?} hidden {hidden:?} sparse {sparse} on {threads} threads");
+    let (loss, grads) = model.loss_and_grads(&data, &eps, beta).unwrap();
+    let what = format!(
+        "{act:?} hidden {hidden:?} sparse {sparse} on {threads} threads, {likelihood:?}, beta {beta}"
+    );
 
     // The point differenced about; each evaluation copies it into the model.
     let mut params = model.vae.params.clone();
@@ -395,7 +431,7 @@ fn check_model(act: Activation, hidden: &[usize], sparse: bool, threads: usize) 
             at.push(k);
             n.extend(numeric(&mut params, &[k], h, |p| {
                 model.vae.params.copy_from_slice(p);
-                model.loss_and_grads(&data, &eps).unwrap().0
+                model.loss_and_grads(&data, &eps, beta).unwrap().0
             }));
             tols.push(atol(loss, h));
         }
@@ -429,5 +465,24 @@ fn model_gradients_match_finite_differences() {
                 }
             }
         }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "Model::new's pool sets MXCSR by inline asm, which Miri cannot run"
+)]
+fn gaussian_and_beta_gradients_match_finite_differences() {
+    for act in [Activation::Tanh, Activation::Relu] {
+        for hidden in [&[][..], &[5, 3]] {
+            for sparse in [true, false] {
+                for threads in [1, 2] {
+                    check_model_with(act, hidden, sparse, threads, Likelihood::Gaussian, 1.0);
+                }
+            }
+        }
+        check_model_with(act, &[5], true, 2, Likelihood::Bernoulli, 0.25);
+        check_model_with(act, &[5], false, 1, Likelihood::Gaussian, 3.0);
     }
 }

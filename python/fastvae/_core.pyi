@@ -9,6 +9,10 @@ from numpy.typing import NDArray
 __all__ = [
     "__version__",
     "ACTIVATIONS",
+    "LIKELIHOODS",
+    "LOGVAR_MIN",
+    "LOGVAR_MAX",
+    "MAX_BETA",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_EPOCHS",
     "DEFAULT_LR",
@@ -37,6 +41,13 @@ __all__ = [
 __version__: str
 #: The activations' names.
 ACTIVATIONS: list[str]
+#: The likelihoods' names.
+LIKELIHOODS: list[str]
+#: Bounds of the Gaussian likelihood's learned per-feature log-variances.
+LOGVAR_MIN: float
+LOGVAR_MAX: float
+#: Largest KL weight (beta) accepted.
+MAX_BETA: float
 #: Training defaults (the canonical MNIST run).
 DEFAULT_EPOCHS: int
 DEFAULT_BATCH_SIZE: int
@@ -85,7 +96,7 @@ def binarize(x: NDArray[np.float32] | NDArray[np.float64], seed: int = 0) -> NDA
 
 @final
 class Dataset:
-    """Rows in [0, 1] copied into memory the core owns, validated once."""
+    """Rows of finite values copied into memory the core owns, validated once."""
 
     def __new__(
         cls,
@@ -93,14 +104,19 @@ class Dataset:
         sparse: bool | None = None,
         name: str = "x",
         first_row: int = 0,
+        domain: str = "unit",
     ) -> Dataset:
         """`sparse`: None picks the first layer's path by density; True or False forces it.
-        `name` and `first_row` locate bad values in error messages."""
+        `name` and `first_row` locate bad values in error messages. `domain`: "unit" accepts
+        values in [0, 1] only (Bernoulli models), "real" any finite value (Gaussian models)."""
     @property
     def shape(self) -> tuple[int, int]: ...
     @property
     def sparse(self) -> bool:
         """Whether training on this data uses the sparse first layer."""
+    @property
+    def unit(self) -> bool:
+        """Whether every value is in [0, 1]."""
 
 @final
 class EpochRun:
@@ -129,6 +145,7 @@ class Model:
         activation: str,
         seed: int,
         threads: int,
+        likelihood: str = "bernoulli",
     ) -> Model: ...
     @property
     def threads(self) -> int: ...
@@ -138,6 +155,9 @@ class Model:
     def step(self) -> int: ...
     @property
     def param_count(self) -> int: ...
+    @property
+    def likelihood(self) -> str:
+        """"bernoulli" or "gaussian"."""
     @property
     def config(self) -> tuple[int, list[int], int, str, int]:
         """(input_dim, hidden_dims, latent_dim, activation, seed)."""
@@ -162,9 +182,11 @@ class Model:
         batch_size: int,
         lr: float,
         binarize: bool,
+        beta: float = 1.0,
     ) -> EpochRun:
         """Start the next epoch over `data`: a Dataset, or a 2-D array the core does not hold
-        (memory-mapped), whose batches `run` then gathers one at a time."""
+        (memory-mapped), whose batches `run` then gathers one at a time. `beta` weights the KL
+        term of the loss trained on (1: the ELBO)."""
     def run(
         self,
         data: Dataset | NDArray[np.float32] | NDArray[np.float64],
@@ -185,9 +207,10 @@ class Model:
     ) -> NDArray[np.float64]:
         """Importance-weighted log-likelihood (k samples) of rows [start, end); float64."""
     def loss_and_grads(
-        self, x: Dataset, eps: NDArray[np.float32] | NDArray[np.float64]
+        self, x: Dataset, eps: NDArray[np.float32] | NDArray[np.float64], beta: float = 1.0
     ) -> tuple[float, dict[str, NDArray[np.float32]]]:
-        """Loss and gradients (weight-named dict) for x with the given noise eps (B, Z)."""
+        """Loss and gradients (weight-named dict) for x with the given noise eps (B, Z), the KL
+        weighted by beta."""
     def step_with_noise(
         self, x: Dataset, eps: NDArray[np.float32] | NDArray[np.float64], lr: float
     ) -> float:
@@ -195,7 +218,17 @@ class Model:
     def encode(self, data: Dataset) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """(mu, logvar), each float32 (n, Z)."""
     def decode(self, z: NDArray[np.float32] | NDArray[np.float64]) -> NDArray[np.float32]:
-        """Bernoulli means (n, D) for latent codes z (n, Z)."""
+        """The means of p(x|z) (n, D) for latent codes z (n, Z): probabilities for Bernoulli."""
+    def decode_draw(
+        self, z: NDArray[np.float32] | NDArray[np.float64], seed: int
+    ) -> NDArray[np.float32]:
+        """Draws x ~ p(x|z) (n, D) for latent codes z (n, Z), row r keyed by (seed, r)."""
+    def to_bytes(self, include_optimizer: bool, extra: dict[str, str]) -> bytes:
+        """The model file's bytes (as `save` writes them)."""
+    @staticmethod
+    def from_bytes(data: bytes, threads: int) -> tuple[Model, dict[str, str], bool]:
+        """A model from a model file's bytes, checked as `load` checks a file: the model, its
+        extra metadata, and whether it held optimizer state."""
     def save(
         self,
         path: str | PathLike[str],
