@@ -12,16 +12,19 @@ Model, for a batch x (B, D) and noise eps (B, Z)::
     z = mu + exp(logvar / 2) * eps
     g_0 = z,  g_j = act(g_{j-1} V_j^T + c_j)                decoder, j = 1..L
     logits = g_L V_{L+1}^T + c_{L+1}
-    loss = sum_{rows, pixels} [max(l, 0) - l x + log1p(exp(-|l|))]
-         + sum_rows -1/2 sum_k (1 + logvar - mu^2 - exp(logvar))
+    Bernoulli:  nll = sum_{rows, pixels} [max(l, 0) - l x + log1p(exp(-|l|))]
+    Gaussian (a weight "decoder_logvar", s (D,); l is the mean):
+                nll = sum_{rows, features} [log(2 pi) / 2 + s / 2 + (x - l)^2 exp(-s) / 2]
+    loss = nll + beta sum_rows -1/2 sum_k (1 + logvar - mu^2 - exp(logvar))
 
 Backward (d = dloss/d(.)):
 
-    d logits = sigmoid(logits) - x
+    d logits = sigmoid(logits) - x                          (Gaussian: (l - x) exp(-s))
+    d s = sum_rows (1 - (x - l)^2 exp(-s)) / 2               (Gaussian only)
     through a linear layer y = u W^T + b:  dW = dy^T u,  db = sum_rows dy,  du = dy W
     through act: da = dh * act'(a), relu' = [a > 0], tanh' = 1 - tanh(a)^2
-    d mu = dz + mu
-    d logvar = dz * eps * exp(logvar / 2) / 2 + (exp(logvar) - 1) / 2
+    d mu = dz + beta mu
+    d logvar = dz * eps * exp(logvar / 2) / 2 + beta (exp(logvar) - 1) / 2
     d h_L = d mu W_mu + d logvar W_lv
 """
 
@@ -126,12 +129,13 @@ class Forward:
     dec_pre: list[np.ndarray] = field(default_factory=list)  # hidden decoder pre-activations
     dec_out: list[np.ndarray] = field(default_factory=list)  # their activations
     logits: np.ndarray | None = None
-    bce: float = 0.0
+    bce: float = 0.0  # -log p(x|z), Bernoulli or Gaussian
     kl: float = 0.0
+    beta: float = 1.0
 
     @property
     def loss(self) -> float:
-        return self.bce + self.kl
+        return self.bce + self.beta * self.kl
 
     def min_abs_preactivation(self) -> float:
         """Distance of the nearest hidden pre-activation to 0 (a relu kink)."""
@@ -139,12 +143,14 @@ class Forward:
         return min((float(np.abs(a).min()) for a in pre), default=math.inf)
 
 
-def forward(weights: Weights, x: np.ndarray, eps: np.ndarray, activation: str) -> Forward:
-    """The forward pass in float64."""
+def forward(
+    weights: Weights, x: np.ndarray, eps: np.ndarray, activation: str, beta: float = 1.0
+) -> Forward:
+    """The forward pass in float64; Gaussian when the weights hold "decoder_logvar"."""
     x = np.asarray(x, dtype=np.float64)
     eps = np.asarray(eps, dtype=np.float64)
     n_hidden = count_hidden(weights)
-    f = Forward(x=x, eps=eps)
+    f = Forward(x=x, eps=eps, beta=beta)
     h = x
     for i in range(n_hidden):
         a = _linear(h, weights, f"encoder.{i}")
@@ -162,14 +168,22 @@ def forward(weights: Weights, x: np.ndarray, eps: np.ndarray, activation: str) -
         f.dec_out.append(g)
     f.logits = _linear(g, weights, f"decoder.{n_hidden}")
     lg = f.logits
-    f.bce = float(np.sum(np.maximum(lg, 0.0) - lg * x + np.log1p(np.exp(-np.abs(lg)))))
+    if "decoder_logvar" in weights:
+        s = np.asarray(weights["decoder_logvar"], dtype=np.float64)
+        f.bce = float(
+            np.sum(0.5 * math.log(2 * math.pi) + 0.5 * s + 0.5 * (x - lg) ** 2 / np.exp(s))
+        )
+    else:
+        f.bce = float(np.sum(np.maximum(lg, 0.0) - lg * x + np.log1p(np.exp(-np.abs(lg)))))
     f.kl = float(np.sum(-0.5 * (1.0 + f.logvar - f.mu**2 - np.exp(f.logvar))))
     return f
 
 
-def loss_only(weights: Weights, x: np.ndarray, eps: np.ndarray, activation: str) -> float:
+def loss_only(
+    weights: Weights, x: np.ndarray, eps: np.ndarray, activation: str, beta: float = 1.0
+) -> float:
     """The batch loss (sum over rows), float64."""
-    return forward(weights, x, eps, activation).loss
+    return forward(weights, x, eps, activation, beta).loss
 
 
 def _sigmoid(t: np.ndarray) -> np.ndarray:
@@ -188,16 +202,22 @@ def _linear_backward(
 
 
 def loss_and_grads(
-    weights: Weights, x: np.ndarray, eps: np.ndarray, activation: str
+    weights: Weights, x: np.ndarray, eps: np.ndarray, activation: str, beta: float = 1.0
 ) -> tuple[float, dict[str, np.ndarray]]:
     """Batch loss and float64 gradients of every weight, named as the weights."""
-    f = forward(weights, x, eps, activation)
+    f = forward(weights, x, eps, activation, beta)
     assert f.mu is not None and f.logvar is not None and f.z is not None and f.logits is not None
     n_hidden = count_hidden(weights)
     grads: dict[str, np.ndarray] = {}
 
-    # Decoder, from the logits back to z.
-    d = _sigmoid(f.logits) - f.x
+    # Decoder, from the logits (or Gaussian means) back to z.
+    if "decoder_logvar" in weights:
+        inv_var = np.exp(-np.asarray(weights["decoder_logvar"], dtype=np.float64))
+        resid = f.logits - f.x
+        d = resid * inv_var
+        grads["decoder_logvar"] = np.sum(0.5 * (1.0 - resid**2 * inv_var), axis=0)
+    else:
+        d = _sigmoid(f.logits) - f.x
     for j in range(n_hidden, -1, -1):
         u = f.dec_out[j - 1] if j > 0 else f.z
         du = _linear_backward(d, u, weights, f"decoder.{j}", grads)
@@ -209,8 +229,8 @@ def loss_and_grads(
 
     # Reparameterization and KL.
     std = np.exp(0.5 * f.logvar)
-    dmu = dz + f.mu
-    dlogvar = dz * f.eps * 0.5 * std + 0.5 * (np.exp(f.logvar) - 1.0)
+    dmu = dz + beta * f.mu
+    dlogvar = dz * f.eps * 0.5 * std + beta * 0.5 * (np.exp(f.logvar) - 1.0)
     h = f.enc_out[-1] if n_hidden else f.x
     dh = _linear_backward(dmu, h, weights, "fc_mu", grads)
     dh = dh + _linear_backward(dlogvar, h, weights, "fc_logvar", grads)
