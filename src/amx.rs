@@ -461,9 +461,11 @@ unsafe fn pack_b(out: &mut [u16], b: View) {
 }
 
 /// Chunks of 32 summed per pass over the row blocks (see `multiply`).
+#[cfg(target_arch = "x86_64")]
 const KB: usize = 4;
 
 /// The tile configuration: palette 1, eight tiles of 16 rows x 64 bytes.
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct TileConfig {
     palette: u8,
