@@ -117,8 +117,28 @@ pub fn to_bytes(
                 .map_err(|e| bad(format!("cannot serialize {name}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::tensor::serialize(views, Some(meta))
-        .map_err(|e| bad(format!("cannot serialize: {e}")))
+    let bytes = safetensors::tensor::serialize(views, Some(meta))
+        .map_err(|e| bad(format!("cannot serialize: {e}")))?;
+    sorted_header(bytes)
+}
+
+/// The file with its JSON header's keys in sorted order, so that the same model always gives
+/// the same bytes (safetensors writes the metadata in a hash map's order, which varies from
+/// call to call). The tensors' offsets count from the end of the header, so only the header
+/// (8-byte length, JSON padded with spaces to a multiple of 8) is rewritten.
+fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    // serde_json's maps are ordered by key.
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len])
+        .map_err(|e| bad(format!("cannot serialize: {e}")))?;
+    let mut json =
+        serde_json::to_vec(&header).map_err(|e| bad(format!("cannot serialize: {e}")))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - len);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + len..]);
+    Ok(out)
 }
 
 /// CRC-32 over every metadata entry but the checksum itself and every tensor's name and bytes,
@@ -417,6 +437,11 @@ mod tests {
             Model::new(Config::new(6, vec![4], 2, Activation::Tanh).unwrap(), 3, 1).unwrap();
         let extra = HashMap::from([("history".to_string(), "[]".to_string())]);
         let bytes = to_bytes(&model, true, &extra).unwrap();
+        // The same model gives the same bytes, call after call.
+        let many = HashMap::from_iter((0..20).map(|i| (format!("k{i}"), i.to_string())));
+        let once = to_bytes(&model, true, &many).unwrap();
+        assert!((0..5).all(|_| to_bytes(&model, true, &many).unwrap() == once));
+        assert_eq!(from_bytes(&once).unwrap().extra, many);
         let ck = from_bytes(&bytes).unwrap();
         assert_eq!(ck.params, model.vae.params);
         assert_eq!(ck.config, model.vae.config);

@@ -365,7 +365,7 @@ impl PyModel {
     fn param_count(&self) -> usize {
         self.inner.vae.params.len()
     }
-    /// "bernoulli" or "gaussian".
+    /// The likelihood: "bernoulli" or "gaussian".
     #[getter]
     fn likelihood(&self) -> &'static str {
         self.inner.vae.config.likelihood.name()

@@ -157,7 +157,7 @@ class Model:
     def param_count(self) -> int: ...
     @property
     def likelihood(self) -> str:
-        """"bernoulli" or "gaussian"."""
+        """The likelihood: "bernoulli" or "gaussian"."""
     @property
     def config(self) -> tuple[int, list[int], int, str, int]:
         """(input_dim, hidden_dims, latent_dim, activation, seed)."""
