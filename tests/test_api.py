@@ -41,10 +41,22 @@ def test_init_stores_settings_only() -> None:
         "hidden_dims": (7,),
         "latent_dim": 2,
         "activation": "tanh",
+        "likelihood": "bernoulli",
+        "epochs": fastvae._core.DEFAULT_EPOCHS,
+        "batch_size": fastvae._core.DEFAULT_BATCH_SIZE,
+        "lr": fastvae._core.DEFAULT_LR,
+        "beta": 1.0,
+        "kl_warmup": 0,
+        "patience": None,
+        "validation_fraction": 0.1,
+        "binarize": None,
         "seed": 4,
         "threads": 1,
     }
     assert not hasattr(m, "model_") and not hasattr(m, "history_")
+    assert not hasattr(m, "n_features_in_")
+    # input_dim defaults to None: the data's width at the first fit.
+    assert VAE().input_dim is None
     # Invalid settings are stored without complaint (scikit-learn) and rejected by fit.
     bad = VAE(latent_dim=0)
     with pytest.raises(FastVAEError, match="latent_dim"):
@@ -54,7 +66,9 @@ def test_init_stores_settings_only() -> None:
 def test_set_params_and_repr() -> None:
     m = VAE().set_params(latent_dim=4, seed=9)
     assert m.latent_dim == 4 and m.seed == 9
-    assert "latent_dim=4" in repr(m)
+    # The settings that differ from the defaults, as scikit-learn shows them.
+    assert repr(m) == "VAE(latent_dim=4, seed=9)"
+    assert repr(VAE()) == "VAE()"
     with pytest.raises(FastVAEError, match="unknown parameter"):
         m.set_params(nope=1)
 
@@ -171,12 +185,16 @@ def test_saved_file_loads_with_the_safetensors_package(fitted: VAE, tmp_path: Pa
         np.testing.assert_array_equal(tensors[k], w[k])
 
 
-def test_not_picklable_and_unfitted_errors() -> None:
+def test_unfitted_errors_and_deepcopy(fitted: VAE, data: np.ndarray) -> None:
     m = VAE()
     with pytest.raises(FastVAEError, match="fit"):
         m.encode(np.zeros((1, 784), np.float32))
-    with pytest.raises(TypeError, match="save"):
-        copy.deepcopy(VAE().fit(np.zeros((3, 784), np.float32), epochs=1, progress=False))
+    # A fitted model deep-copies (test_sklearn.py checks pickling in depth): an independent
+    # model with the same weights.
+    twin = copy.deepcopy(fitted)
+    assert twin.model_ is not fitted.model_
+    np.testing.assert_array_equal(twin.elbo(data), fitted.elbo(data))
+    assert twin.history_ == fitted.history_ and twin.get_params() == fitted.get_params()
 
 
 def test_sklearn_pipeline_style(data: np.ndarray) -> None:

@@ -426,6 +426,24 @@ def _crafted_cases() -> dict[str, tuple[Any, str, bool]]:
         "history not JSON": (meta_set("history", "{nope"), "history", True),
         "history a list": (meta_set("history", "[]"), "history", True),
         "history missing keys": (meta_set("history", '{"epoch": []}'), "history", True),
+        "history beta too short": (
+            meta_set(
+                "history",
+                json.dumps(
+                    {"epoch": [1], "train_loss": [1.0], "val_loss": [None]}
+                    | {"samples_per_sec": [1.0], "seconds": [1.0], "beta": []}
+                ),
+            ),
+            "history",
+            True,
+        ),
+        "fit_params beta text": (
+            meta_set("fit_params", '{"batch_size": 8, "lr": 0.001, "binarize": null, "beta": "1"}'),
+            "training settings",
+            True,
+        ),
+        "early_stopping not JSON": (meta_set("early_stopping", "{nope"), "early stopping", True),
+        "early_stopping a list": (meta_set("early_stopping", "[1, 2]"), "early stopping", True),
         "NaN weight": (nan_weight, "non-finite", True),
         "inf Adam moment": (inf_moment, "non-finite", True),
         "negative Adam v": (negative_v, "negative", True),
@@ -492,6 +510,39 @@ def test_foreign_and_crafted_safetensors_files(
             assert str(path) in str(info.value), label
         tried += 1
     print(f"\nforeign and crafted safetensors files: {tried} tried, all as expected")
+
+
+def test_files_written_before_beta_load_with_its_defaults(
+    small: VAE, small_file: bytes, tmp_path: Path
+) -> None:
+    # A file as fastvae 0.1 wrote it: no likelihood, no per-epoch beta in the history, no beta,
+    # kl_warmup or patience among the training settings.
+    from safetensors.numpy import save_file
+
+    orig = tmp_path / "orig.safetensors"
+    orig.write_bytes(small_file)
+    tensors, meta = _parts(orig)
+    history = json.loads(meta["history"])
+    del history["beta"]
+    meta["history"] = json.dumps(history)
+    meta["fit_params"] = json.dumps({"batch_size": 8, "lr": 0.001, "binarize": None})
+    del meta["likelihood"]
+    meta["crc32"] = _crc(meta, tensors)
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    back = VAE.load(path, threads=1)
+    # Those epochs trained with KL weight 1, as small's did.
+    assert back.history_["beta"] == [1.0, 1.0] and back.history_ == small.history_
+    assert back.fit_params_ == {
+        "batch_size": 8,
+        "lr": 0.001,
+        "binarize": None,
+        "beta": 1.0,
+        "kl_warmup": 0,
+        "patience": None,
+    }
+    assert back.likelihood == "bernoulli" and not hasattr(back, "best_epoch_")
+    assert full_state(back) == full_state(small)
 
 
 # -- paths ------------------------------------------------------------------------------------

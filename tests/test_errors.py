@@ -136,22 +136,72 @@ def test_wrong_column_count(fitted: VAE, method: str, delta: int) -> None:
     assert name in msg and f"(n, {width})" in msg and str(width + delta) in msg
 
 
-BAD_DTYPES = ["int64", "int32", "uint8", "bool", "complex64", "complex128", "object", "str"]
+# Weights must be floating point; rows of x and z may be any real numbers (converted to float,
+# as scikit-learn's check_array does), but not complex numbers or strings.
+NON_FLOAT_DTYPES = ["int64", "int32", "uint8", "bool", "complex64", "complex128", "object", "str"]
+CONVERTED_DTYPES = ["int64", "int32", "uint8", "bool", "object"]
+REJECTED_DTYPES = ["complex64", "complex128", "str"]
 
 
 @pytest.mark.parametrize("method", ALL_CALLS)
-@pytest.mark.parametrize("dtype", BAD_DTYPES)
-def test_non_float_dtypes(fitted: VAE, method: str, dtype: str) -> None:
+@pytest.mark.parametrize("dtype", REJECTED_DTYPES)
+def test_non_real_dtypes(fitted: VAE, method: str, dtype: str) -> None:
     width, name = width_and_name(method)
-    x: np.ndarray
-    if dtype == "str":
-        x = np.full((4, width), "0.5")
-    elif dtype == "object":
-        x = np.full((4, width), 0.5, dtype=object)
-    else:
-        x = np.ones((4, width), dtype=dtype)
+    x = np.full((4, width), "0.5") if dtype == "str" else np.full((4, width), 0.5, dtype=dtype)
     msg = rejected(fitted, lambda: ALL_CALLS[method](fitted, x))
     assert name in msg and "dtype" in msg and str(x.dtype) in msg
+    if dtype.startswith("complex"):
+        assert "Complex data not supported" in msg  # scikit-learn's words
+
+
+@pytest.mark.parametrize("method", [m for m in ALL_CALLS if m not in ("fit", "validation_data")])
+@pytest.mark.parametrize("dtype", CONVERTED_DTYPES)
+def test_real_dtypes_are_converted(fitted: VAE, method: str, dtype: str) -> None:
+    width, _ = width_and_name(method)
+    # 0s and 1s, exact in every dtype.
+    ones = (np.arange(4 * width).reshape(4, width) % 3 == 0).astype(np.float32)
+    got = ALL_CALLS[method](fitted, ones.astype(dtype))
+    want = ALL_CALLS[method](fitted, ones)
+    for g, w in zip(
+        got if isinstance(got, tuple) else [got],
+        want if isinstance(want, tuple) else [want],
+        strict=True,
+    ):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", CONVERTED_DTYPES)
+def test_fit_converts_real_dtypes(data: np.ndarray, dtype: str) -> None:
+    x = (data[:40] > 0.5).astype(dtype)
+    a = small(seed=3).fit(x, epochs=1, batch_size=8, validation_data=x, progress=False)
+    b = small(seed=3).fit(x.astype(np.float32), epochs=1, batch_size=8, progress=False)
+    assert bit_equal(a.weights(), b.weights())
+
+
+def test_object_arrays_of_non_numbers_are_named(fitted: VAE) -> None:
+    x = np.full((4, D), 0.5, dtype=object)
+    x[0, 0] = {"foo": "bar"}
+    # A TypeError in numpy's words, as scikit-learn's check_dtype_object expects.
+    with unchanged(fitted), pytest.raises(TypeError, match="argument must be .* string.* number"):
+        fitted.elbo(x)
+    x[0, 0] = "abc"
+    msg = rejected(fitted, lambda: fitted.elbo(x))
+    assert "dtype object" in msg and "abc" in msg
+
+
+def test_8_bit_pixels_get_a_hint(fitted: VAE) -> None:
+    x = np.full((4, D), 255, np.uint8)
+    msg = rejected(fitted, lambda: fitted.elbo(x))
+    assert "[0, 1]" in msg and "x / 255" in msg and "gaussian" in msg
+    msg = rejected(fitted, lambda: fitted.fit(x.astype(np.float32), progress=False))
+    assert "x / 255" in msg
+
+
+def test_sparse_input_is_refused_clearly(fitted: VAE, data: np.ndarray) -> None:
+    sparse = pytest.importorskip("scipy.sparse")
+    for x in (sparse.csr_matrix(data), sparse.csr_array(data)):
+        msg = rejected(fitted, lambda x=x: fitted.transform(x))
+        assert "sparse" in msg and "toarray" in msg
 
 
 @pytest.mark.parametrize("method", ALL_CALLS)
@@ -298,9 +348,9 @@ def test_lists_of_lists_work(fitted: VAE, data: np.ndarray) -> None:
     a = small(seed=3).fit(rows, epochs=1, batch_size=8, progress=False)
     b = small(seed=3).fit(x, epochs=1, batch_size=8, progress=False)
     assert bit_equal(a.weights(), b.weights())
-    # Lists of Python ints are integer data: rejected with the dtype named, like int arrays.
-    with pytest.raises(InputError, match="dtype int"):
-        fitted.elbo([[0, 1] * (D // 2)])
+    # Lists of Python ints are integer data, converted like int arrays.
+    ints = [[0, 1] * (D // 2)]
+    np.testing.assert_array_equal(fitted.elbo(ints), fitted.elbo(np.array(ints, np.float32)))
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -311,18 +361,82 @@ BAD_COUNTS = [0, -1, 1.5, True, False, "10", None, np.float64(3.0)]
 @pytest.mark.parametrize("name", ["epochs", "batch_size"])
 @pytest.mark.parametrize("value", BAD_COUNTS, ids=repr)
 def test_bad_epochs_and_batch_size(fitted: VAE, data: np.ndarray, name: str, value: Any) -> None:
-    msg = rejected(
-        fitted, lambda: fitted.fit(data, progress=False, **{name: value}), exc=ConfigError
-    )
-    assert name in msg
+    # fit's None means "the constructor's setting": the bad value then comes from there.
+    if value is not None:
+        msg = rejected(
+            fitted, lambda: fitted.fit(data, progress=False, **{name: value}), exc=ConfigError
+        )
+        assert name in msg
+    m = small(**{name: value})
+    with pytest.raises(ConfigError, match=name):
+        m.fit(data, progress=False)
+    assert not hasattr(m, "model_")
 
 
 @pytest.mark.parametrize(
     "lr", [0, 0.0, -1e-3, float("nan"), float("inf"), -float("inf"), "0.1", None, True], ids=repr
 )
 def test_bad_lr(fitted: VAE, data: np.ndarray, lr: Any) -> None:
-    msg = rejected(fitted, lambda: fitted.fit(data, lr=lr, progress=False), exc=ConfigError)
-    assert "lr" in msg
+    if lr is not None:
+        msg = rejected(fitted, lambda: fitted.fit(data, lr=lr, progress=False), exc=ConfigError)
+        assert "lr" in msg
+    with pytest.raises(ConfigError, match="lr"):
+        small(lr=lr).fit(data, progress=False)
+
+
+_BAD_TRAINING = [
+    ("beta", -0.5),
+    ("beta", float("nan")),
+    ("beta", float("inf")),
+    ("beta", "1"),
+    ("beta", True),
+    ("kl_warmup", -1),
+    ("kl_warmup", 1.5),
+    ("kl_warmup", True),
+    ("patience", 0),
+    ("patience", -2),
+    ("patience", 2.0),
+]
+
+
+@pytest.mark.parametrize("name,value", _BAD_TRAINING, ids=[f"{n}={v!r}" for n, v in _BAD_TRAINING])
+def test_bad_training_settings(fitted: VAE, data: np.ndarray, name: str, value: Any) -> None:
+    msg = rejected(
+        fitted, lambda: fitted.fit(data, progress=False, **{name: value}), exc=ConfigError
+    )
+    assert name in msg
+    with pytest.raises(ConfigError, match=name):
+        small(**{name: value}).fit(data, progress=False)
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1, float("nan"), "0.1", None], ids=repr)
+def test_bad_validation_fraction(data: np.ndarray, fraction: Any) -> None:
+    m = small(validation_fraction=fraction)
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        m.fit(data, progress=False)
+    assert not hasattr(m, "model_")
+
+
+def test_bad_likelihood_and_binarize_combination(data: np.ndarray) -> None:
+    for bad in ("Gaussian", "normal", None, 1):
+        with pytest.raises(ConfigError, match="likelihood"):
+            small(likelihood=bad).fit(data, progress=False)
+    m = small(likelihood="gaussian")
+    with pytest.raises(ConfigError, match="binarize"):
+        m.fit(data, binarize="dynamic", progress=False)
+    with pytest.raises(ConfigError, match="binarize"):
+        m.set_params(binarize="dynamic").fit(data, progress=False)
+    assert not hasattr(m, "model_")
+
+
+def test_early_stopping_needs_rows_to_train_on(data: np.ndarray) -> None:
+    m = small(patience=2)
+    with pytest.raises(InputError, match="validation_fraction"):
+        m.fit(data[:1], progress=False)
+    assert not hasattr(m, "model_")
+    # With validation data given, one row trains.
+    m.fit(data[:1], validation_data=data[:5], epochs=1, progress=False)
+    assert m.history_["epoch"] == [1]
 
 
 @pytest.mark.parametrize("binarize", ["static", "Dynamic", True, 1, ""], ids=repr)
@@ -455,7 +569,7 @@ def test_bad_validation_data_after_fit_leaves_model_unchanged(data: np.ndarray) 
     bad_values = [
         nan,
         data[:10, :5],
-        data[:10].astype(np.int32),
+        data[:10].astype(np.complex64),
         np.zeros((0, D), np.float32),
         data[0],
         (),
@@ -495,7 +609,7 @@ def test_rejected_set_weights_leaves_model_unchanged(fitted: VAE) -> None:
         "string": ("weights.safetensors", "dict"),
     }
     cases["nan"][0]["decoder.1.weight"][2, 1] = np.nan
-    for dt in BAD_DTYPES:
+    for dt in NON_FLOAT_DTYPES:
         bad = np.full(good["fc_mu.bias"].shape, "1" if dt == "str" else 1).astype(
             object if dt == "object" else dt
         )
@@ -745,8 +859,9 @@ def any_array(draw: st.DrawFn, width: int, unit: bool = True) -> np.ndarray:
 
 
 def _rows_kind(arr: np.ndarray, width: int, unit: bool) -> str:
-    """'valid', 'invalid', or 'either' (values that only round into range in float32)."""
-    if arr.dtype.kind != "f" or arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] != width:
+    """'valid', 'invalid', or 'either' (values that only round into range in float32). Real
+    numbers of any dtype are valid rows (integers and booleans are converted)."""
+    if arr.dtype.kind not in "fiub" or arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] != width:
         return "invalid"
     with np.errstate(all="ignore"):
         a32 = arr.astype(np.float32)

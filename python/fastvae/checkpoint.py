@@ -1,5 +1,5 @@
-"""What a model file says about training, as plain Python values: the per-epoch history and the
-latest fit's settings, which ride in the file's metadata as JSON strings.
+"""What a model file says about training, as plain Python values: the per-epoch history, the
+latest fit's settings and its early stopping, which ride in the file's metadata as JSON strings.
 
 This module is not the file format (the Rust core reads and writes safetensors, with its
 checksums, atomic writes and checks of every tensor) and not the estimator (``VAE.save`` and
@@ -17,7 +17,12 @@ from .errors import CheckpointError
 __all__ = ["HISTORY_KEYS", "empty_history", "from_metadata", "to_metadata"]
 
 # Per-epoch records of `VAE.history_`, in this order.
-HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "samples_per_sec", "seconds")
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "samples_per_sec", "seconds", "beta")
+# Records added after files were first written, with the value an epoch of an older file had:
+# those epochs trained with KL weight 1.
+_ADDED_HISTORY_KEYS: dict[str, Any] = {"beta": 1.0}
+# Training settings added since, likewise: the values older fits used.
+_ADDED_FIT_PARAMS: dict[str, Any] = {"beta": 1.0, "kl_warmup": 0, "patience": None}
 
 
 def empty_history() -> dict[str, list[Any]]:
@@ -26,9 +31,12 @@ def empty_history() -> dict[str, list[Any]]:
 
 
 def to_metadata(
-    history: Mapping[str, list[Any]], fit_params: Mapping[str, Any] | None
+    history: Mapping[str, list[Any]],
+    fit_params: Mapping[str, Any] | None,
+    early_stopping: Mapping[str, int | None] | None = None,
 ) -> dict[str, str]:
-    """The metadata entries that record ``history`` and, when given, ``fit_params``.
+    """The metadata entries that record ``history`` and, when given, ``fit_params`` and
+    ``early_stopping``.
 
     Parameters
     ----------
@@ -36,40 +44,57 @@ def to_metadata(
         ``VAE.history_``.
     fit_params : mapping or None
         ``VAE.fit_params_``; None for a model never fitted (its weights were set directly).
+    early_stopping : mapping or None
+        ``{"best_epoch": ..., "stopped_epoch": ...}`` after a fit with early stopping.
 
     Returns
     -------
     dict of str
-        ``{"history": ..., "fit_params": ...}`` as JSON strings, for the core's ``Model.save``.
+        ``{"history": ..., "fit_params": ..., "early_stopping": ...}`` as JSON strings, for the
+        core's ``Model.save`` and ``Model.to_bytes``.
     """
     extra = {"history": json.dumps(dict(history))}
     if fit_params is not None:
         extra["fit_params"] = json.dumps(dict(fit_params))
+    if early_stopping is not None:
+        extra["early_stopping"] = json.dumps(dict(early_stopping))
     return extra
 
 
-def from_metadata(extra: Mapping[str, str]) -> tuple[dict[str, list[Any]], dict[str, Any] | None]:
-    """The history and fit settings recorded by ``to_metadata``, checked.
+def from_metadata(
+    extra: Mapping[str, str],
+) -> tuple[dict[str, list[Any]], dict[str, Any] | None, dict[str, int | None] | None]:
+    """The history, fit settings and early stopping recorded by ``to_metadata``, checked.
 
     Parameters
     ----------
     extra : mapping of str
-        The extra metadata the core's ``Model.load`` returns.
+        The extra metadata the core's ``Model.load`` (or ``Model.from_bytes``) returns.
 
     Returns
     -------
     history : dict of lists
-        Every key of HISTORY_KEYS; empty lists when the file holds no history.
+        Every key of HISTORY_KEYS; empty lists when the file holds no history. Records that
+        files written by older versions lack are filled in (``beta`` 1.0 for every epoch).
     fit_params : dict or None
-        ``batch_size``, ``lr`` and ``binarize``; None when the file holds none.
+        ``batch_size``, ``lr``, ``binarize``, ``beta``, ``kl_warmup`` and ``patience`` (the
+        last three filled in with the values older versions used); None when the file holds
+        none.
+    early_stopping : dict or None
+        ``best_epoch`` and ``stopped_epoch`` (each an int or None); None when the latest fit
+        did not stop early.
 
     Raises
     ------
     CheckpointError
-        If either is not valid JSON or not laid out as written; the message does not name the
+        If any is not valid JSON or not laid out as written; the message does not name the
         file, which the caller adds.
     """
-    return _history(extra.get("history")), _fit_params(extra.get("fit_params"))
+    return (
+        _history(extra.get("history")),
+        _fit_params(extra.get("fit_params")),
+        _early_stopping(extra.get("early_stopping")),
+    )
 
 
 def _json(raw: str, what: str) -> Any:
@@ -83,7 +108,14 @@ def _history(raw: str | None) -> dict[str, list[Any]]:
     if raw is None:
         return empty_history()
     h = _json(raw, "training history")
-    if not isinstance(h, dict) or not all(isinstance(h.get(k), list) for k in HISTORY_KEYS):
+    ok = isinstance(h, dict) and all(
+        isinstance(h.get(k), list) for k in HISTORY_KEYS if k not in _ADDED_HISTORY_KEYS
+    )
+    if ok:
+        n = len(h["epoch"])
+        h = {k: h.get(k, [_ADDED_HISTORY_KEYS.get(k)] * n) for k in HISTORY_KEYS}
+        ok = all(isinstance(v, list) and len(v) == n for v in h.values())
+    if not ok:
         raise CheckpointError("the file's training history has an unexpected layout")
     return {k: list(h[k]) for k in HISTORY_KEYS}
 
@@ -92,12 +124,35 @@ def _fit_params(raw: str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
     p = _json(raw, "training settings")
+    if isinstance(p, dict):
+        p = _ADDED_FIT_PARAMS | p
     ok = (
         isinstance(p, dict)
-        and isinstance(p.get("batch_size"), int)
+        and _is_int(p.get("batch_size"))
         and isinstance(p.get("lr"), float)
         and p.get("binarize") in (None, "dynamic")
+        and isinstance(p.get("beta"), (int, float))
+        and not isinstance(p.get("beta"), bool)
+        and _is_int(p.get("kl_warmup"))
+        and (p.get("patience") is None or _is_int(p.get("patience")))
     )
     if not ok:
         raise CheckpointError("the file's training settings have an unexpected layout")
-    return {"batch_size": p["batch_size"], "lr": p["lr"], "binarize": p["binarize"]}
+    keys = ("batch_size", "lr", "binarize", "beta", "kl_warmup", "patience")
+    return {k: float(p[k]) if k == "beta" else p[k] for k in keys}
+
+
+def _early_stopping(raw: str | None) -> dict[str, int | None] | None:
+    if raw is None:
+        return None
+    e = _json(raw, "early stopping record")
+    ok = isinstance(e, dict) and all(
+        e.get(k, 0) is None or _is_int(e.get(k)) for k in ("best_epoch", "stopped_epoch")
+    )
+    if not ok or "best_epoch" not in e or "stopped_epoch" not in e:
+        raise CheckpointError("the file's early stopping record has an unexpected layout")
+    return {"best_epoch": e["best_epoch"], "stopped_epoch": e["stopped_epoch"]}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -3,17 +3,23 @@
 ``VAE.__init__`` only stores settings; ``fit`` builds the core model on first use and trains
 it; learned state lives in attributes ending in ``_``. Every public method validates its
 arguments before touching the model, so a rejected call leaves the model as it was.
+
+scikit-learn is not a dependency: the VAE follows its estimator protocol (``get_params``,
+``set_params``, ``fit``/``transform``/``score``, fitted attributes, pickling and
+``__sklearn_tags__``) without importing it, so ``clone``, ``Pipeline``, ``GridSearchCV`` and
+``check_estimator`` work wherever scikit-learn is installed (``pip install "fastvae[sklearn]"``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -26,10 +32,26 @@ __all__ = ["VAE"]
 
 _MAX_WIDTH = _core.MAX_WIDTH
 
-_PARAM_NAMES = ("input_dim", "hidden_dims", "latent_dim", "activation", "seed", "threads")
+# Settings that define the network: changing one through set_params discards a fitted model.
+_ARCHITECTURE = ("input_dim", "hidden_dims", "latent_dim", "activation", "likelihood")
+# Settings of fit, each overridable for one call by fit's keyword argument of the same name.
+_TRAINING = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "beta",
+    "kl_warmup",
+    "patience",
+    "validation_fraction",
+    "binarize",
+)
+# Every constructor parameter, in the constructor's order.
+_PARAM_NAMES = (*_ARCHITECTURE, *_TRAINING, "seed", "threads")
 # Target seconds per call into the core while training: short enough that Ctrl-C and the
 # progress bar answer promptly, long enough that the call overhead is negligible.
 _SLICE_SECONDS = 0.1
+# Version of the state a VAE pickles to (see __getstate__).
+_PICKLE_FORMAT = 1
 
 
 # Bounds that keep every count inside the core's integer types with room to spare; the core
@@ -48,6 +70,20 @@ def _positive_int(name: str, value: Any, maximum: int = _MAX_COUNT) -> int:
     return value
 
 
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
+        raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+    if int(value) > _MAX_COUNT:
+        raise ConfigError(f"{name} must be at most {_MAX_COUNT}, got {value}")
+    return int(value)
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
 def _seed(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
@@ -61,47 +97,168 @@ def _fresh_seed() -> int:
     return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0])
 
 
-def _float_rows(x: Any, name: str, width: int, what: str) -> NDArray[np.floating]:
-    """x as a 2-D float32/float64 array with `width` columns; no copy when it already is one."""
+def _same(a: Any, b: Any) -> bool:
+    """Whether two setting values are equal; never raises (settings may hold anything)."""
+    try:
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            return (
+                isinstance(a, (list, tuple))
+                and isinstance(b, (list, tuple))
+                and len(a) == len(b)
+                and all(_same(p, q) for p, q in zip(a, b, strict=True))
+            )
+        return isinstance(a, bool) == isinstance(b, bool) and bool(a == b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _as_rows(
+    x: Any, name: str, width: int | None, owner: str = "VAE", what: str = "features"
+) -> NDArray[np.floating]:
+    """x as a 2-D float32 or float64 array of `width` columns (None: any), converted and checked
+    as scikit-learn's check_array does; no copy when it already is one. The values (finite, and
+    in [0, 1] for the Bernoulli likelihood) are left to the core, which locates a bad one."""
+    shape_hint = f"(n, {'n_features' if width is None else width})"
+    if hasattr(x, "tocsr") or type(x).__module__.startswith("scipy.sparse"):
+        raise InputError(
+            f"{name} is a sparse {type(x).__name__}: sparse input is not supported, pass a "
+            f"dense array of shape {shape_hint} ({name}.toarray())"
+        )
     if isinstance(x, np.ndarray):
         arr = x
     else:
         try:
             arr = np.asarray(x)
         except (ValueError, TypeError) as e:
-            raise InputError(f"{name} must be an array of shape (n, {width}): {e}") from e
-    if arr.dtype.kind != "f":
-        hint = " (for 8-bit pixels, pass x / 255)" if arr.dtype.kind in "ui" else ""
-        raise InputError(f"{name} must hold floating-point {what}, got dtype {arr.dtype}{hint}")
-    if arr.dtype not in (np.float32, np.float64):
-        arr = arr.astype(np.float32)
+            raise InputError(f"{name} must be an array of shape {shape_hint}: {e}") from e
     if arr.ndim != 2:
-        raise InputError(f"{name} must be 2-D with shape (n, {width}), got shape {arr.shape}")
+        hint = ""
+        if arr.ndim == 1:
+            hint = (
+                f". Reshape your data either using {name}.reshape(-1, 1) if it has a single "
+                f"feature or {name}.reshape(1, -1) if it contains a single sample"
+            )
+        raise InputError(f"{name} must be 2-D with shape {shape_hint}, got shape {arr.shape}{hint}")
+    kind = arr.dtype.kind
+    if kind == "c":
+        raise InputError(f"Complex data not supported: {name} has dtype {arr.dtype}")
+    if kind == "O":
+        # Numbers held as Python objects convert; anything else is named, as numpy words it.
+        try:
+            arr = arr.astype(np.float64)
+        except TypeError as e:
+            raise TypeError(f"{name} must hold numbers, got dtype object and {e}") from e
+        except ValueError as e:
+            raise InputError(f"{name} must hold numbers, got dtype object and {e}") from e
+    elif kind in "iub" or (kind == "f" and arr.dtype.itemsize < 4):
+        # Integers and booleans as float32, which holds every 8- and 16-bit value exactly.
+        arr = arr.astype(np.float32)
+    elif kind == "f" and arr.dtype.itemsize > 8:
+        arr = arr.astype(np.float64)
+    elif kind != "f":
+        raise InputError(
+            f"{name} must hold numbers, got dtype {arr.dtype}: convert it to numeric values "
+            "explicitly"
+        )
+    elif not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.shape[0] == 0:
-        raise InputError(f"{name} is empty: shape {arr.shape}, need at least one row")
-    if arr.shape[1] != width:
-        raise InputError(f"{name} has {arr.shape[1]} columns, expected shape (n, {width})")
+        raise InputError(
+            f"{name} is empty: found array with 0 sample(s) (shape={arr.shape}) while a "
+            "minimum of 1 is required."
+        )
+    if arr.shape[1] == 0:
+        raise InputError(
+            f"{name} has no columns: found array with 0 feature(s) (shape={arr.shape}) while "
+            "a minimum of 1 is required."
+        )
+    if width is not None and arr.shape[1] != width:
+        # scikit-learn's wording, which its estimator checks match.
+        label = "X" if name == "x" else name
+        raise InputError(
+            f"{label} has {arr.shape[1]} {what}, but {owner} is expecting {width} {what} as "
+            f"input: {name} must have shape (n, {width})"
+        )
     return arr
+
+
+class _Architecture(NamedTuple):
+    input_dim: int | None  # None: from the data at the first fit
+    hidden: list[int]
+    latent_dim: int
+    activation: str
+    likelihood: str
+    seed: int
+    threads: int
+
+
+class _Training(NamedTuple):
+    epochs: int
+    batch_size: int
+    lr: float
+    beta: float
+    kl_warmup: int
+    patience: int | None
+    validation_fraction: float
+    binarize: str | None
+
+
+def _kl_weight(beta: float, kl_warmup: int, epoch: int) -> float:
+    """The KL weight of training epoch `epoch` (1-based, counting every epoch the model has
+    trained): beta, reached linearly over the first kl_warmup epochs."""
+    if kl_warmup > 0:
+        return beta * min(1.0, epoch / kl_warmup)
+    return beta
 
 
 class VAE:
     """A variational autoencoder (Kingma & Welling, 2014) trained by a multithreaded Rust core.
 
     Encoder q(z|x): an MLP ``input_dim -> hidden_dims... -> (mu, logvar)`` of width
-    ``latent_dim``; decoder p(x|z): ``latent_dim -> reversed(hidden_dims)... -> input_dim``
-    Bernoulli logits. Training minimizes, per example, the binary cross-entropy summed over
-    pixels plus KL(q(z|x) || N(0, I)), with Adam.
+    ``latent_dim``; decoder p(x|z): ``latent_dim -> reversed(hidden_dims)... -> input_dim``,
+    the parameters of p(x|z) (Bernoulli logits, or Gaussian means). Training minimizes, per
+    example, -log p(x|z) summed over inputs plus ``beta`` times KL(q(z|x) || N(0, I)), with Adam.
+
+    The constructor only stores its arguments (scikit-learn's convention); ``fit`` checks them.
 
     Parameters
     ----------
-    input_dim : int
-        Number of inputs per example (784 for MNIST).
+    input_dim : int or None
+        Number of inputs per example (784 for MNIST); None takes it from the data at the first
+        ``fit`` (as ``n_features_in_``).
     hidden_dims : sequence of int
         Widths of the encoder's hidden layers; the decoder mirrors them. May be empty.
     latent_dim : int
         Width of the latent code z.
     activation : {"relu", "tanh"}
         Hidden-layer nonlinearity.
+    likelihood : {"bernoulli", "gaussian"}
+        p(x|z). "bernoulli" models intensities in [0, 1] (pixels; binary cross-entropy);
+        "gaussian" models any real values (standardize them first, e.g. with scikit-learn's
+        StandardScaler).
+    epochs, batch_size : int
+        Passes over x per ``fit``, and rows per Adam step (the last batch of an epoch may be
+        smaller).
+    lr : float
+        Adam's learning rate.
+    beta : float
+        Weight of the KL term in the training objective (1 is the ELBO; beta-VAE above 1).
+        ``elbo``, ``score`` and the validation loss always report the true ELBO.
+    kl_warmup : int
+        Epochs over which the KL weight rises linearly from 0 to ``beta``: the weight of the
+        model's e-th training epoch is ``beta * min(1, e / kl_warmup)``, counting the epochs of
+        earlier ``fit`` calls and of a saved model that is resumed. 0 means no warm-up.
+    patience : int or None
+        Early stopping: after ``patience`` epochs of a ``fit`` call without a lower validation
+        loss, stop, and end with the weights of the epoch that had the lowest. None trains for
+        every epoch.
+    validation_fraction : float
+        With ``patience`` and no ``validation_data``, the fraction of x's rows (chosen at random
+        by ``seed``) held out from training to measure the validation loss.
+    binarize : {None, "dynamic"}
+        "dynamic" trains on a fresh Bernoulli draw of every image each time it is used
+        (binarized MNIST, as papers report); x then holds the pixel probabilities. Bernoulli
+        likelihood only.
     seed : int
         Seeds the initial weights, the shuffling and the noise: the same seed and thread count
         give bit-identical weights after ``fit``.
@@ -111,19 +268,47 @@ class VAE:
 
     Attributes
     ----------
+    n_features_in_ : int
+        Number of inputs per example the model was built for.
     history_ : dict of lists
-        Per epoch: ``epoch``, ``train_loss``, ``val_loss`` (None without validation data),
-        ``samples_per_sec`` and ``seconds``.
+        Per epoch: ``epoch``, ``train_loss`` (the training objective, with the KL weight),
+        ``val_loss`` (the negative ELBO of the validation data; None without any),
+        ``samples_per_sec``, ``seconds`` and ``beta`` (the KL weight used).
     fit_params_ : dict
-        ``batch_size``, ``lr`` and ``binarize`` of the latest ``fit``, saved with the model.
+        ``batch_size``, ``lr``, ``binarize``, ``beta``, ``kl_warmup`` and ``patience`` of the
+        latest ``fit``, saved with the model.
+    best_epoch_, stopped_epoch_ : int or None
+        After a ``fit`` with ``patience``: the epoch whose weights the model holds (the lowest
+        validation loss; None if none was finite) and the epoch after which training stopped
+        early (None if it ran every epoch). Saved with the model.
+
+    Notes
+    -----
+    ``fit`` continues training from the current weights and Adam state, as Keras does, so
+    ``fit(x, epochs=1)`` three times equals ``fit(x, epochs=3)`` bit for bit; to start over,
+    use a fresh estimator (``sklearn.base.clone``). Fitting twice is therefore not idempotent
+    as scikit-learn's ``check_fit_idempotent`` expects.
+
+    A fitted model pickles (and deep-copies) as its model file's bytes: weights, Adam state,
+    configuration, history and training settings, so a copy continues training exactly as the
+    original would.
     """
 
     def __init__(
         self,
-        input_dim: int = 784,
+        input_dim: int | None = None,
         hidden_dims: Sequence[int] = (400,),
         latent_dim: int = 20,
         activation: str = "relu",
+        likelihood: str = "bernoulli",
+        epochs: int = _core.DEFAULT_EPOCHS,
+        batch_size: int = _core.DEFAULT_BATCH_SIZE,
+        lr: float = _core.DEFAULT_LR,
+        beta: float = 1.0,
+        kl_warmup: int = 0,
+        patience: int | None = None,
+        validation_fraction: float = 0.1,
+        binarize: str | None = None,
         seed: int = 0,
         threads: int | None = None,
     ) -> None:
@@ -131,6 +316,15 @@ class VAE:
         self.hidden_dims = hidden_dims
         self.latent_dim = latent_dim
         self.activation = activation
+        self.likelihood = likelihood
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.beta = beta
+        self.kl_warmup = kl_warmup
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.binarize = binarize
         self.seed = seed
         self.threads = threads
         # One call at a time per model: a second thread waits rather than racing the core.
@@ -143,40 +337,113 @@ class VAE:
         return {name: getattr(self, name) for name in _PARAM_NAMES}
 
     def set_params(self, **params: Any) -> VAE:
-        """Change constructor settings; a fitted model is discarded if the architecture changes."""
-        for name, value in params.items():
+        """Change constructor settings, unchecked until ``fit`` (scikit-learn's convention).
+
+        A fitted model is discarded when an architecture setting (input_dim, hidden_dims,
+        latent_dim, activation, likelihood) changes; training settings, seed and threads keep
+        the weights (seed and threads act when a model is next built).
+        """
+        for name in params:
             if name not in _PARAM_NAMES:
                 raise ConfigError(f"unknown parameter {name!r}; valid: {', '.join(_PARAM_NAMES)}")
-            setattr(self, name, value)
-        if hasattr(self, "model_"):
-            del self.model_
-            self.__dict__.pop("history_", None)
+        with self._lock:
+            model = getattr(self, "model_", None)
+            discard = model is not None and any(
+                not self._fits_model(model, name, value)
+                for name, value in params.items()
+                if name in _ARCHITECTURE
+            )
+            for name, value in params.items():
+                setattr(self, name, value)
+            if discard:
+                for name in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+                    delattr(self, name)
         return self
 
+    @staticmethod
+    def _fits_model(model: _core.Model, name: str, value: Any) -> bool:
+        """Whether architecture setting `name` = `value` describes the built `model`."""
+        input_dim, hidden, latent_dim, activation, _ = model.config
+        if name == "input_dim":
+            return value is None or _same(value, input_dim)
+        if name == "hidden_dims":
+            return isinstance(value, (list, tuple)) and _same(list(value), list(hidden))
+        if name == "latent_dim":
+            return _same(value, latent_dim)
+        if name == "activation":
+            return _same(value, activation)
+        return _same(value, model.likelihood)
+
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"VAE({args})"
+        # The settings that differ from the defaults, as scikit-learn shows them.
+        defaults = inspect.signature(type(self).__init__).parameters
+        args = ", ".join(
+            f"{k}={v!r}"
+            for k, v in self.get_params().items()
+            if not (_same(v, defaults[k].default) and type(v) is type(defaults[k].default))
+        )
+        return f"{type(self).__name__}({args})"
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's tags: an unsupervised transformer of dense, finite, 2-D data whose
+        outputs are float32. Called by scikit-learn only, so importing it here costs nothing
+        otherwise."""
+        from sklearn.utils import (  # type: ignore[import-untyped]
+            InputTags,
+            Tags,
+            TargetTags,
+            TransformerTags,
+        )
+
+        return Tags(
+            estimator_type=None,
+            target_tags=TargetTags(required=False),
+            transformer_tags=TransformerTags(preserves_dtype=["float32"]),
+            input_tags=InputTags(two_d_array=True, sparse=False, allow_nan=False),
+            requires_fit=True,
+            non_deterministic=False,
+        )
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "model_")
+
+    # -- pickling -------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        raise TypeError("fastvae models are not picklable; use save(path) and VAE.load(path)")
+        """The settings and, when fitted, the model file's bytes (weights, Adam state,
+        configuration, history, training settings): no Python objects of the core."""
+        with self._lock:
+            state: dict[str, Any] = {"_pickle_format": _PICKLE_FORMAT}
+            state.update(self.get_params())
+            if hasattr(self, "model_"):
+                state["_model"] = self.model_.to_bytes(True, self._metadata())
+                # The copy gets the same thread count: results depend on it.
+                state["_model_threads"] = self.model_.threads
+            return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._lock = threading.RLock()
+        if not isinstance(state, dict) or state.get("_pickle_format") != _PICKLE_FORMAT:
+            raise CheckpointError("pickled VAE: not a state this version of fastvae wrote")
+        defaults = inspect.signature(type(self).__init__).parameters
+        for name in _PARAM_NAMES:
+            setattr(self, name, state.get(name, defaults[name].default))
+        data = state.get("_model")
+        if data is None:
+            return
+        threads = state.get("_model_threads")
+        if not isinstance(data, bytes) or not isinstance(threads, int):
+            raise CheckpointError("pickled VAE: the model's bytes are missing or malformed")
+        try:
+            threads = _positive_int("threads", threads, _core.MAX_THREADS)
+        except ConfigError as e:
+            raise CheckpointError(f"pickled VAE: {e}") from None
+        model, extra, _ = _core.Model.from_bytes(data, threads)
+        self._restore(model, extra, "pickled VAE", settings_from_model=False)
 
     # -- construction ---------------------------------------------------------------------
 
-    def _checked_config(self) -> tuple[int, list[int], int, str, int, int]:
-        input_dim = _positive_int("input_dim", self.input_dim, _MAX_WIDTH)
-        if isinstance(self.hidden_dims, (str, bytes)) or not isinstance(self.hidden_dims, Sequence):
-            raise ConfigError(
-                f"hidden_dims must be a sequence of positive integers, got {self.hidden_dims!r}"
-            )
-        hidden = [
-            _positive_int(f"hidden_dims[{i}]", h, _MAX_WIDTH)
-            for i, h in enumerate(self.hidden_dims)
-        ]
-        latent_dim = _positive_int("latent_dim", self.latent_dim, _MAX_WIDTH)
-        if self.activation not in _core.ACTIVATIONS:
-            names = " or ".join(repr(a) for a in _core.ACTIVATIONS)
-            raise ConfigError(f"activation must be {names}, got {self.activation!r}")
-        seed = _seed("seed", self.seed)
+    def _resolved_threads(self) -> int:
         threads = self.threads
         if threads is None:
             env = os.environ.get("FASTVAE_NUM_THREADS")
@@ -189,18 +456,108 @@ class VAE:
                     ) from None
             else:
                 threads = _core.default_threads()
-        threads = _positive_int("threads", threads, _core.MAX_THREADS)
-        return input_dim, hidden, latent_dim, str(self.activation), seed, threads
+        return _positive_int("threads", threads, _core.MAX_THREADS)
 
-    def _ensure_model(self) -> _core.Model:
-        if not hasattr(self, "model_"):
-            self._adopt(_core.Model(*self._checked_config()))
-        return self.model_
+    def _architecture(self) -> _Architecture:
+        """The architecture settings, checked; input_dim stays None when it is."""
+        input_dim = None
+        if self.input_dim is not None:
+            input_dim = _positive_int("input_dim", self.input_dim, _MAX_WIDTH)
+        if isinstance(self.hidden_dims, (str, bytes)) or not isinstance(self.hidden_dims, Sequence):
+            raise ConfigError(
+                f"hidden_dims must be a sequence of positive integers, got {self.hidden_dims!r}"
+            )
+        hidden = [
+            _positive_int(f"hidden_dims[{i}]", h, _MAX_WIDTH)
+            for i, h in enumerate(self.hidden_dims)
+        ]
+        latent_dim = _positive_int("latent_dim", self.latent_dim, _MAX_WIDTH)
+        if not isinstance(self.activation, str) or self.activation not in _core.ACTIVATIONS:
+            names = " or ".join(repr(a) for a in _core.ACTIVATIONS)
+            raise ConfigError(f"activation must be {names}, got {self.activation!r}")
+        if not isinstance(self.likelihood, str) or self.likelihood not in _core.LIKELIHOODS:
+            names = " or ".join(repr(a) for a in _core.LIKELIHOODS)
+            raise ConfigError(f"likelihood must be {names}, got {self.likelihood!r}")
+        seed = _seed("seed", self.seed)
+        threads = self._resolved_threads()
+        return _Architecture(
+            input_dim, hidden, latent_dim, self.activation, self.likelihood, seed, threads
+        )
+
+    @staticmethod
+    def _build(arch: _Architecture, input_dim: int) -> _core.Model:
+        return _core.Model(
+            input_dim,
+            arch.hidden,
+            arch.latent_dim,
+            arch.activation,
+            arch.seed,
+            arch.threads,
+            likelihood=arch.likelihood,
+        )
+
+    def _training(self, overrides: dict[str, Any]) -> _Training:
+        """The training settings of one fit: its keyword arguments where given (not None),
+        else the constructor's; checked."""
+        v = {
+            name: getattr(self, name) if overrides.get(name) is None else overrides[name]
+            for name in _TRAINING
+        }
+        epochs = _positive_int("epochs", v["epochs"])
+        batch_size = _positive_int("batch_size", v["batch_size"], 2**31)
+        lr = v["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+            raise ConfigError(f"lr must be a positive number, got {lr!r}")
+        lr = float(lr)
+        if not (math.isfinite(lr) and 0 < lr <= _core.MAX_LR):
+            raise ConfigError(f"lr must be positive, finite and at most {_core.MAX_LR:g}, got {lr}")
+        beta = _real("beta", v["beta"])
+        if not 0 <= beta <= _core.MAX_BETA:
+            raise ConfigError(f"beta must be in [0, {_core.MAX_BETA:g}], got {beta}")
+        kl_warmup = _non_negative_int("kl_warmup", v["kl_warmup"])
+        patience = None if v["patience"] is None else _positive_int("patience", v["patience"])
+        fraction = _real("validation_fraction", v["validation_fraction"])
+        if not 0 < fraction < 1:
+            raise ConfigError(f"validation_fraction must be in (0, 1), got {fraction}")
+        binarize = v["binarize"]
+        if binarize not in (None, "dynamic"):
+            raise ConfigError(f"binarize must be None or 'dynamic', got {binarize!r}")
+        return _Training(epochs, batch_size, lr, beta, kl_warmup, patience, fraction, binarize)
 
     def _adopt(self, model: _core.Model, history: dict[str, list[Any]] | None = None) -> None:
         """Make `model` this VAE's fitted state, with `history` (by default an empty one)."""
         self.model_ = model
         self.history_: dict[str, list[Any]] = empty_history() if history is None else history
+        self.n_features_in_: int = model.config[0]
+
+    def _restore(
+        self, model: _core.Model, extra: dict[str, str], where: str, settings_from_model: bool
+    ) -> None:
+        """Adopt a model read from a file or bytes (`where` names it in errors), with the
+        history and settings its metadata records."""
+        try:
+            history, fit_params, early = from_metadata(extra)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        if settings_from_model:
+            self.input_dim, hidden, self.latent_dim, self.activation, self.seed = model.config
+            self.hidden_dims = tuple(hidden)
+            self.likelihood = model.likelihood
+        self._adopt(model, history)
+        if fit_params is not None:
+            self.fit_params_: dict[str, Any] = fit_params
+        if early is not None:
+            self.best_epoch_: int | None = early["best_epoch"]
+            self.stopped_epoch_: int | None = early["stopped_epoch"]
+
+    def _metadata(self) -> dict[str, str]:
+        """What the model's file (or pickle) records besides the core's own state."""
+        early = None
+        if hasattr(self, "best_epoch_"):
+            early = {"best_epoch": self.best_epoch_, "stopped_epoch": self.stopped_epoch_}
+        return to_metadata(
+            getattr(self, "history_", empty_history()), getattr(self, "fit_params_", None), early
+        )
 
     def _fitted(self) -> _core.Model:
         if not hasattr(self, "model_"):
@@ -219,18 +576,21 @@ class VAE:
                 raise AttributeError("this VAE has no weights yet: call fit() or VAE.load() first")
             return self.model_.epoch
 
-    def _dataset(self, x: Any, name: str = "x") -> _core.Dataset:
-        input_dim = _positive_int("input_dim", self.input_dim, _MAX_WIDTH)
-        arr = _float_rows(x, name, input_dim, "intensities in [0, 1]")
-        return _core.Dataset(arr, name=name)
+    @staticmethod
+    def _core_rows(
+        arr: NDArray[np.floating], name: str, likelihood: str
+    ) -> _core.Dataset | _MappedRows:
+        """Checked rows for the core: copied whole into core memory, or, for a memory-mapped
+        array (which may be larger than memory), checked piece by piece and read as needed."""
+        domain = _DOMAINS[likelihood]
+        if isinstance(arr, np.memmap):
+            return _MappedRows(arr, name, domain)
+        return _dataset(arr, name, domain)
 
-    def _rows(self, x: Any, name: str = "x") -> _core.Dataset | _MappedRows:
-        """x for the core: copied whole into core memory, or, for a memory-mapped array (which
-        may be larger than memory), checked piece by piece and read as it is needed."""
-        if isinstance(x, np.memmap):
-            input_dim = _positive_int("input_dim", self.input_dim, _MAX_WIDTH)
-            return _MappedRows(_float_rows(x, name, input_dim, "intensities in [0, 1]"), name)
-        return self._dataset(x, name)
+    def _rows(self, model: _core.Model, x: Any, name: str = "x") -> _core.Dataset | _MappedRows:
+        """x checked against the fitted `model`, for the core."""
+        arr = _as_rows(x, name, model.config[0], type(self).__name__)
+        return self._core_rows(arr, name, model.likelihood)
 
     # -- training -------------------------------------------------------------------------
 
@@ -239,32 +599,37 @@ class VAE:
         x: ArrayLike,
         y: Any = None,
         *,
-        epochs: int = _core.DEFAULT_EPOCHS,
-        batch_size: int = _core.DEFAULT_BATCH_SIZE,
-        lr: float = _core.DEFAULT_LR,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        beta: float | None = None,
+        kl_warmup: int | None = None,
+        patience: int | None = None,
+        binarize: str | None = None,
         validation_data: Any = None,
         progress: bool = True,
-        binarize: str | None = None,
     ) -> VAE:
         """Train for ``epochs`` more epochs, continuing from the current weights and Adam state.
 
+        Each training setting is the constructor's unless given here, for this call only (as
+        Keras does); None means "the constructor's".
+
         Parameters
         ----------
-        x : array of shape (n, input_dim)
-            Intensities in [0, 1], float32 or float64, any memory order.
+        x : array-like of shape (n, input_dim)
+            Real numbers of any dtype (converted to float32 unless float64), any memory order:
+            intensities in [0, 1] for the Bernoulli likelihood, any finite values for the
+            Gaussian one. A ``numpy.memmap`` is read piece by piece (it may exceed memory).
         y : ignored
             Accepted so the VAE fits in a scikit-learn Pipeline.
-        epochs, batch_size : int
-            Passes over x, and rows per Adam step (the last batch of an epoch may be smaller).
-        lr : float
-            Adam's learning rate.
+        epochs, batch_size, lr, beta, kl_warmup, patience, binarize
+            As the constructor's parameters of the same names.
         validation_data : array of shape (m, input_dim), or a tuple whose first item is one
-            Evaluated after every epoch; its mean loss goes to ``history_["val_loss"]``.
+            Evaluated after every epoch; its mean negative ELBO goes to
+            ``history_["val_loss"]``, and early stopping watches it. Without it, early stopping
+            holds out ``validation_fraction`` of x's rows.
         progress : bool
             Show a progress bar with the running loss and samples/s.
-        binarize : {None, "dynamic"}
-            "dynamic" trains on a fresh Bernoulli draw of every image each time it is used
-            (binarized MNIST, as papers report); x then holds the pixel probabilities.
 
         Returns
         -------
@@ -277,54 +642,138 @@ class VAE:
         FloatingPointError
             If the loss or a gradient stops being finite; the model keeps the weights of the
             last finite step.
+
+        Notes
+        -----
+        With ``patience``, ``fit`` stops after ``patience`` epochs without a lower validation
+        loss than the best of this call, and in any case ends with the weights of the epoch
+        that had the lowest (Adam's state and the epoch count are not rewound);
+        ``best_epoch_`` and ``stopped_epoch_`` record which.
         """
-        epochs = _positive_int("epochs", epochs)
-        batch_size = _positive_int("batch_size", batch_size, 2**31)
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-            raise ConfigError(f"lr must be a positive number, got {lr!r}")
-        if not (math.isfinite(lr) and 0 < lr <= _core.MAX_LR):
-            raise ConfigError(f"lr must be positive, finite and at most {_core.MAX_LR:g}, got {lr}")
-        if binarize not in (None, "dynamic"):
-            raise ConfigError(f"binarize must be None or 'dynamic', got {binarize!r}")
-        self._checked_config()
-        data = self._rows(x)
-        val = None
+        s = self._training(
+            {
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "beta": beta,
+                "kl_warmup": kl_warmup,
+                "patience": patience,
+                "binarize": binarize,
+            }
+        )
+        arch = self._architecture()
+        model = getattr(self, "model_", None)
+        likelihood = arch.likelihood if model is None else model.likelihood
+        if s.binarize == "dynamic" and likelihood != "bernoulli":
+            raise ConfigError(
+                f"binarize='dynamic' draws binary images for the Bernoulli likelihood; "
+                f"this model's likelihood is {likelihood!r}"
+            )
+        # The width: the model's once built, else input_dim, else the data's.
+        width = arch.input_dim if model is None else model.config[0]
+        owner = type(self).__name__
+        arr = _as_rows(x, "x", width, owner)
+        val_arr = None
         if validation_data is not None:
             if isinstance(validation_data, tuple):
                 if not validation_data:
                     raise InputError("validation_data is an empty tuple")
                 validation_data = validation_data[0]
-            val = self._rows(validation_data, "validation_data")
+            val_arr = _as_rows(validation_data, "validation_data", arr.shape[1], owner)
+        elif s.patience is not None:
+            arr, val_arr = self._hold_out(arr, s.validation_fraction, arch.seed)
+        data = self._core_rows(arr, "x", likelihood)
+        val = None
+        if val_arr is not None:
+            val = self._core_rows(val_arr, "validation_data", likelihood)
         with self._lock:
-            model = self._ensure_model()
+            if not hasattr(self, "model_"):
+                self._adopt(self._build(arch, arr.shape[1]))
+            model = self.model_
             # Saved with the model, so a resumed run can continue as it was trained.
-            self.fit_params_: dict[str, Any] = {
-                "batch_size": batch_size,
-                "lr": float(lr),
-                "binarize": binarize,
+            self.fit_params_ = {
+                "batch_size": s.batch_size,
+                "lr": s.lr,
+                "binarize": s.binarize,
+                "beta": s.beta,
+                "kl_warmup": s.kl_warmup,
+                "patience": s.patience,
             }
-            for _ in range(epochs):
-                self._fit_epoch(
-                    model, data, val, batch_size, float(lr), progress, binarize == "dynamic"
-                )
+            if s.patience is None:
+                for name in ("best_epoch_", "stopped_epoch_"):
+                    self.__dict__.pop(name, None)
+                for _ in range(s.epochs):
+                    self._fit_epoch(model, data, val, s, progress)
+            else:
+                assert val is not None
+                self._fit_early_stopping(model, data, val, s, progress)
         return self
+
+    @staticmethod
+    def _hold_out(
+        arr: NDArray[np.floating], fraction: float, seed: int
+    ) -> tuple[NDArray[np.floating], NDArray[np.floating]]:
+        """(training rows, validation rows): ceil(fraction * n) rows held out at random, chosen
+        by the seed (so every fit of one model on one x holds out the same rows)."""
+        n = arr.shape[0]
+        n_val = math.ceil(fraction * n)
+        if n_val >= n:
+            raise InputError(
+                f"early stopping holds out validation_fraction={fraction} of x's {n} rows as "
+                "validation data, which leaves none to train on: pass validation_data, or more "
+                "rows"
+            )
+        order = np.random.default_rng(seed).permutation(n)
+        # Sorted, so the training rows keep x's order (and memory-mapped reads stay local).
+        val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
+        return np.asarray(arr[train_rows]), np.asarray(arr[val_rows])
+
+    def _fit_early_stopping(
+        self,
+        model: _core.Model,
+        data: _core.Dataset | _MappedRows,
+        val: _core.Dataset | _MappedRows,
+        s: _Training,
+        progress: bool,
+    ) -> None:
+        assert s.patience is not None
+        best = math.inf
+        best_epoch: int | None = None
+        best_weights: dict[str, NDArray[np.float32]] | None = None
+        stopped: int | None = None
+        since_best = 0
+        for _ in range(s.epochs):
+            val_loss = self._fit_epoch(model, data, val, s, progress)
+            assert val_loss is not None
+            if val_loss < best:  # False for NaN: no improvement
+                best, best_epoch, since_best = val_loss, model.epoch, 0
+                best_weights = model.weights()
+            else:
+                since_best += 1
+                if since_best >= s.patience:
+                    stopped = model.epoch
+                    break
+        if best_weights is not None and best_epoch != model.epoch:
+            model.set_weights(best_weights)
+        self.best_epoch_ = best_epoch
+        self.stopped_epoch_ = stopped
 
     def _fit_epoch(
         self,
         model: _core.Model,
         data: _core.Dataset | _MappedRows,
         val: _core.Dataset | _MappedRows | None,
-        batch_size: int,
-        lr: float,
+        s: _Training,
         progress: bool,
-        binarize: bool,
-    ) -> None:
-
+    ) -> float | None:
+        """One epoch, recorded in history_; its validation loss (None without validation)."""
         epoch = model.epoch + 1
+        weight = _kl_weight(s.beta, s.kl_warmup, epoch)
         n = data.shape[0]
-        train_loss, seconds = self._train_epoch(model, data, batch_size, lr, progress, binarize)
+        train_loss, seconds = self._train_epoch(model, data, s, weight, progress)
         val_loss = None
         if val is not None:
+            # The true ELBO (the core's elbo has KL weight 1), comparable across epochs.
             val_loss = float(-self._elbo_rows(model, val, self._EVAL_SEED).mean())
         h = self.history_
         h["epoch"].append(epoch)
@@ -332,22 +781,23 @@ class VAE:
         h["val_loss"].append(val_loss)
         h["samples_per_sec"].append(n / seconds if seconds > 0 else float("inf"))
         h["seconds"].append(seconds)
+        h["beta"].append(weight)
+        return val_loss
 
     def _train_epoch(
         self,
         model: _core.Model,
         data: _core.Dataset | _MappedRows,
-        batch_size: int,
-        lr: float,
+        s: _Training,
+        beta: float,
         progress: bool,
-        binarize: bool,
     ) -> tuple[float, float]:
         """One epoch, the core batching (a memory-mapped array is handed over as it is, and
         the core gathers each batch from it); (mean loss, seconds)."""
         from .progress import progress_bar
 
         source = data.arr if isinstance(data, _MappedRows) else data
-        run = model.begin_epoch(source, batch_size, lr, binarize)
+        run = model.begin_epoch(source, s.batch_size, s.lr, s.binarize == "dynamic", beta=beta)
         per_call = 1
         seconds = 0.0
         with progress_bar(run.total_batches, f"epoch {model.epoch + 1}", progress, "batch") as bar:
@@ -383,9 +833,9 @@ class VAE:
 
     def encode(self, x: ArrayLike) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """Mean and log-variance of q(z|x), each float32 of shape (n, latent_dim)."""
-        data = self._rows(x)
         with self._lock:
             model = self._fitted()
+            data = self._rows(model, x)
             if isinstance(data, _MappedRows):
                 parts = [model.encode(piece) for _, piece in data.pieces()]
                 return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -400,33 +850,56 @@ class VAE:
         return self.fit(x, **fit_params).transform(x)
 
     def decode(self, z: ArrayLike) -> NDArray[np.float32]:
-        """Pixel probabilities p(x|z), shape (n, input_dim), for latent codes z (n, latent_dim)."""
-        arr = _float_rows(z, "z", _positive_int("latent_dim", self.latent_dim), "latent codes")
-        with self._lock:
-            return self._fitted().decode(arr)
-
-    def reconstruct(self, x: ArrayLike) -> NDArray[np.float32]:
-        """Decode the latent mean of each row of x: probabilities of shape (n, input_dim)."""
-        return self.decode(self.transform(x))
-
-    def sample(self, n: int, seed: int | None = None) -> NDArray[np.float32]:
-        """Decode n draws from the prior z ~ N(0, I); probabilities of shape (n, input_dim)."""
-        n = _positive_int("n", n)
-        seed = _fresh_seed() if seed is None else _seed("seed", seed)
+        """Means of p(x|z), shape (n, input_dim), for latent codes z (n, latent_dim): pixel
+        probabilities for the Bernoulli likelihood, Gaussian means for the Gaussian one."""
         with self._lock:
             model = self._fitted()
-            return model.decode(model.prior_samples(n, seed))
+            width = model.config[2]
+            arr = _as_rows(z, "z", width, type(self).__name__, "latent dimensions")
+            return model.decode(arr)
+
+    def reconstruct(self, x: ArrayLike) -> NDArray[np.float32]:
+        """Decode the latent mean of each row of x: means of p(x|z), shape (n, input_dim)."""
+        return self.decode(self.transform(x))
+
+    def sample(self, n: int, seed: int | None = None, draw: bool = False) -> NDArray[np.float32]:
+        """Decode n draws from the prior z ~ N(0, I), float32 of shape (n, input_dim).
+
+        Parameters
+        ----------
+        n : int
+            Number of samples.
+        seed : int or None
+            Seeds the draws; None draws a fresh seed.
+        draw : bool
+            False returns the means of p(x|z) (pixel probabilities, or Gaussian means: smooth
+            images); True returns draws x ~ p(x|z) (binary pixels, or means plus Gaussian
+            noise): samples of the model's full distribution.
+        """
+        n = _positive_int("n", n)
+        seed = _fresh_seed() if seed is None else _seed("seed", seed)
+        if not isinstance(draw, bool):
+            raise ConfigError(f"draw must be True or False, got {draw!r}")
+        with self._lock:
+            model = self._fitted()
+            z = model.prior_samples(n, seed)
+            if not draw:
+                return model.decode(z)
+            # The draws' own noise, independent of z's though keyed by the same seed.
+            x_seed = int(np.random.SeedSequence([seed, 1]).generate_state(1, np.uint64)[0])
+            return model.decode_draw(z, x_seed)
 
     def elbo(self, x: ArrayLike, seed: int | None = None) -> NDArray[np.float64]:
         """Per-example evidence lower bound log p(x|z) - KL(q(z|x) || p(z)), one z sample each.
 
-        float64 of shape (n,), in nats; higher is better. With seed None the noise comes from a
-        fixed seed, so repeated calls, and models with equal weights, agree.
+        float64 of shape (n,), in nats; higher is better. The KL weight is 1 whatever ``beta``
+        trained the model. With seed None the noise comes from a fixed seed, so repeated calls,
+        and models with equal weights, agree.
         """
         seed = self._EVAL_SEED if seed is None else _seed("seed", seed)
-        data = self._rows(x)
         with self._lock:
-            return self._elbo_rows(self._fitted(), data, seed)
+            model = self._fitted()
+            return self._elbo_rows(model, self._rows(model, x), seed)
 
     def log_likelihood(
         self, x: ArrayLike, k: int = 5000, seed: int | None = None, progress: bool = False
@@ -445,21 +918,22 @@ class VAE:
 
         k = _positive_int("k", k, _core.MAX_K)
         seed = self._EVAL_SEED if seed is None else _seed("seed", seed)
-        data = self._rows(x)
-        n = data.shape[0]
-        # A fraction of a second between interrupt checks.
-        step = max(1, _core.LOG_LIKELIHOOD_CALL_ROWS // k)
-        out = np.empty(n, dtype=np.float64)
-        with self._lock, progress_bar(n, f"log-likelihood (k={k})", progress, "image") as bar:
+        with self._lock:
             model = self._fitted()
-            for start in range(0, n, step):
-                end = min(n, start + step)
-                if isinstance(data, _MappedRows):
-                    piece = data.read(start, end)
-                    out[start:end] = model.log_likelihood(piece, 0, end - start, k, seed, start)
-                else:
-                    out[start:end] = model.log_likelihood(data, start, end, k, seed)
-                bar.update(end - start)
+            data = self._rows(model, x)
+            n = data.shape[0]
+            # A fraction of a second between interrupt checks.
+            step = max(1, _core.LOG_LIKELIHOOD_CALL_ROWS // k)
+            out = np.empty(n, dtype=np.float64)
+            with progress_bar(n, f"log-likelihood (k={k})", progress, "image") as bar:
+                for start in range(0, n, step):
+                    end = min(n, start + step)
+                    if isinstance(data, _MappedRows):
+                        piece = data.read(start, end)
+                        out[start:end] = model.log_likelihood(piece, 0, end - start, k, seed, start)
+                    else:
+                        out[start:end] = model.log_likelihood(data, start, end, k, seed)
+                    bar.update(end - start)
         return out
 
     def score(self, x: ArrayLike, y: Any = None) -> float:
@@ -476,7 +950,11 @@ class VAE:
             return dict(self._fitted().weights())
 
     def set_weights(self, weights: dict[str, ArrayLike]) -> VAE:
-        """Replace every weight from a dict shaped as ``weights()``; all or nothing."""
+        """Replace every weight from a dict shaped as ``weights()``; all or nothing.
+
+        On an unfitted VAE this builds the model; with ``input_dim=None`` its input width is
+        read from the first layer's weight.
+        """
         if not isinstance(weights, dict):
             raise InputError(f"weights must be a dict of arrays, got {type(weights).__name__}")
         arrays = {}
@@ -489,8 +967,18 @@ class VAE:
             if hasattr(self, "model_"):
                 self.model_.set_weights(arrays)
             else:
+                arch = self._architecture()
+                input_dim = arch.input_dim
+                if input_dim is None:
+                    first = "encoder.0.weight" if arch.hidden else "fc_mu.weight"
+                    if first not in arrays or arrays[first].ndim != 2:
+                        raise InputError(
+                            f"weights has no 2-D {first!r} to read input_dim from (and "
+                            "input_dim is None)"
+                        )
+                    input_dim = _positive_int("input_dim", arrays[first].shape[1], _MAX_WIDTH)
                 # Build aside and keep only on success: a rejected call leaves no model behind.
-                model = _core.Model(*self._checked_config())
+                model = self._build(arch, input_dim)
                 model.set_weights(arrays)
                 self._adopt(model)
         return self
@@ -498,41 +986,60 @@ class VAE:
     def save(self, path: str | os.PathLike[str], include_optimizer: bool = True) -> None:
         """Write the model to ``path`` in the safetensors format, atomically.
 
-        The configuration, fastvae's version and a format version go in the metadata; with
-        ``include_optimizer`` the Adam state and counters too, so training can resume.
+        The configuration, fastvae's version and a format version go in the metadata, with the
+        history and training settings; with ``include_optimizer`` the Adam state and counters
+        too, so training can resume.
         """
         with self._lock:
             model = self._fitted()
             if not isinstance(include_optimizer, bool):
                 raise TypeError("include_optimizer must be True or False")
-            history = getattr(self, "history_", empty_history())
-            extra = to_metadata(history, getattr(self, "fit_params_", None))
-            model.save(os.fspath(path), include_optimizer, extra)
+            model.save(os.fspath(path), include_optimizer, self._metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], threads: int | None = None) -> VAE:
-        """Read a model written by ``save``; raises CheckpointError on any defect."""
+        """Read a model written by ``save``; raises CheckpointError on any defect.
+
+        The architecture settings and seed come from the file; the training settings are the
+        constructor's defaults (those the model was trained with are in ``fit_params_``).
+        """
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no model file at {path!r}")
         # Built first for its thread count (the argument, else the environment or every core);
         # the architecture then comes from the file.
         vae = cls(threads=threads)
-        model, extra, _ = _core.Model.load(path, vae._checked_config()[-1])
-        vae.input_dim, hidden, vae.latent_dim, vae.activation, vae.seed = model.config
-        vae.hidden_dims = tuple(hidden)
-        try:
-            history, fit_params = from_metadata(extra)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        vae._adopt(model, history)
-        if fit_params is not None:
-            vae.fit_params_ = fit_params
+        model, extra, _ = _core.Model.load(path, vae._resolved_threads())
+        vae._restore(model, extra, path, settings_from_model=True)
         return vae
 
 
+# The values each likelihood models, as the core's Dataset checks them.
+_DOMAINS = {"bernoulli": "unit", "gaussian": "real"}
+
+
+def _dataset(
+    arr: NDArray[np.floating],
+    name: str,
+    domain: str,
+    sparse: bool | None = None,
+    first_row: int = 0,
+) -> _core.Dataset:
+    """`arr` copied into core memory, its values checked there (finite; in [0, 1] for the
+    "unit" domain); a value outside [0, 1] gets a hint on what to do."""
+    try:
+        return _core.Dataset(arr, sparse=sparse, name=name, first_row=first_row, domain=domain)
+    except InputError as e:
+        if "[0, 1]" not in str(e):
+            raise
+        raise InputError(
+            f"{e} (the Bernoulli likelihood models intensities in [0, 1]: for 8-bit pixels, "
+            "pass x / 255; for other real values, use likelihood='gaussian')"
+        ) from None
+
+
 class _MappedRows:
-    """A memory-mapped (n, d) array of intensities, read in pieces and batches as needed.
+    """A memory-mapped (n, d) array of rows, read in pieces and batches as needed.
 
     Its values are checked once, piece by piece, when it is wrapped, so a bad value is reported
     before any training step and the model stays unchanged.
@@ -542,9 +1049,10 @@ class _MappedRows:
     # whole array would.
     PIECE_ROWS = _core.EVAL_PIECE_ROWS
 
-    def __init__(self, arr: NDArray[np.floating], name: str) -> None:
+    def __init__(self, arr: NDArray[np.floating], name: str, domain: str) -> None:
         self.arr = arr
         self.name = name
+        self.domain = domain
         self.shape = arr.shape
         for start in range(0, arr.shape[0], self.PIECE_ROWS):
             self.read(start, start + self.PIECE_ROWS)  # the core checks each piece
@@ -552,7 +1060,7 @@ class _MappedRows:
     def read(self, start: int, end: int) -> _core.Dataset:
         # Pieces are only evaluated, which never takes the sparse path: no index needed.
         piece = np.ascontiguousarray(self.arr[start:end])
-        return _core.Dataset(piece, sparse=False, name=self.name, first_row=start)
+        return _dataset(piece, self.name, self.domain, sparse=False, first_row=start)
 
     def pieces(self) -> Iterator[tuple[int, _core.Dataset]]:
         for start in range(0, self.shape[0], self.PIECE_ROWS):
