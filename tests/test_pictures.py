@@ -231,3 +231,88 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
         images.save_png(_FailingImage(), target)  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"  # the old picture is untouched
     only(tmp_path, "keep.png")
+
+
+# -- images of any shape, and tables ---------------------------------------------------------
+
+
+def test_rgb_grid_of_non_square_images(tmp_path: Path) -> None:
+    """Rows of 6 x 5 RGB pixels (channels last): each cell shows its image's colours."""
+    rows = np.zeros((6, 6, 5, 3), np.float32)
+    for k in range(6):
+        rows[k, ..., k % 3] = 1.0  # red, green, blue, red, ...
+    grid = images.image_grid(rows.reshape(6, -1), 2, 3, scale=3, pad=2, shape=(6, 5, 3))
+    assert grid.mode == "RGB" and grid.size == ((3 * 7 + 2) * 3, (2 * 8 + 2) * 3)
+    pixels = np.asarray(grid)
+    for k in range(6):
+        r, c = divmod(k, 3)
+        y, x = (2 + r * 8 + 3) * 3, (2 + c * 7 + 2) * 3  # a pixel inside cell k
+        expected = [0, 0, 0]
+        expected[k % 3] = 255
+        assert pixels[y, x].tolist() == expected, k
+    assert images.image_grid(rows[:, ..., 0].reshape(6, -1), 1, 6, shape=(6, 5)).mode == "L"
+    with pytest.raises(ValueError, match="not images of shape"):
+        images.grid_canvas(rows.reshape(6, -1), 2, 3, 2, shape=(5, 5, 3))
+    assert images.display_scale((28, 28)) == 2 and images.display_scale((100, 60, 3)) == 1
+
+
+@pytest.fixture(scope="module")
+def rgb_vae() -> tuple[VAE, np.ndarray]:
+    """A 2-D latent model of 40 random 7 x 6 RGB images, and the images."""
+    x = np.random.default_rng(0).random((40, 7 * 6 * 3)).astype(np.float32)
+    vae = VAE(hidden_dims=(8,), latent_dim=2, threads=1).fit(x, epochs=1, progress=False)
+    return vae, x
+
+
+def test_write_pictures_of_rgb_images(tmp_path: Path, rgb_vae: tuple[VAE, np.ndarray]) -> None:
+    vae, x = rgb_vae
+    labels = np.array(["cat", "dog"] * 20)
+    names = pictures.write_pictures(
+        vae, x, labels, tmp_path, image_shape=(7, 6, 3), label_name="class", val_label="val"
+    )
+    assert names == [
+        "reconstructions.png",
+        "samples.png",
+        "latent_map.png",
+        "interpolations.png",
+        "manifold.png",
+        "loss_curve.png",
+    ]
+    only(tmp_path, *names)
+    scale = images.display_scale((7, 6))
+    with open_png(tmp_path / "reconstructions.png") as img:
+        assert img.mode == "RGB" and img.size == ((10 * 8 + 2) * scale, (8 * 9 + 2) * scale)
+    with open_png(tmp_path / "samples.png") as img:
+        assert img.mode == "RGB" and img.size == ((8 * 8 + 2) * scale, (8 * 9 + 2) * scale)
+    for name in ("interpolations.png", "manifold.png"):
+        assert_not_blank(open_png(tmp_path / name), 5.0)
+
+
+def test_interpolation_pairs_of_named_classes() -> None:
+    labels = np.array(["a", "b", "c", "a", "b", "c"])
+    pairs = pictures._pair_indices(labels, len(labels))
+    assert [(labels[i], labels[j]) for i, j in pairs] == [("a", "b"), ("b", "c"), ("c", "a")]
+    assert len({i for pair in pairs for i in pair}) == 6  # every image used once
+
+
+def test_write_table_pictures(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3)).astype(np.float32)
+    vae = VAE(hidden_dims=(8,), latent_dim=2, threads=1, likelihood="gaussian")
+    vae.fit(x, epochs=1, progress=False)
+    mean, std = np.array([1.0, 2.0, 3.0]), np.array([1.0, 10.0, 100.0])
+    names, errors = pictures.write_table_pictures(
+        vae, x, None, tmp_path, feature_names=["a", "b", "c,d"], mean=mean, std=std
+    )
+    assert names == ["loss_curve.png", "latent_map.png", "feature_errors.csv", "feature_errors.png"]
+    only(tmp_path, *names)
+    lines = (tmp_path / "feature_errors.csv").read_text().splitlines()
+    assert lines[0] == "feature,mse,mse_over_variance,sd" and lines[3].startswith('"c,d",')
+    # In the data's units: the errors scale with std squared, the relative ones do not.
+    raw = pictures.feature_errors(vae, x)
+    np.testing.assert_allclose(errors.mse, raw.mse * std**2, rtol=1e-6)
+    np.testing.assert_allclose(errors.relative, raw.relative, rtol=1e-6)
+    assert errors.sd is not None and raw.sd is not None
+    np.testing.assert_allclose(errors.sd, raw.sd * std, rtol=1e-6)
+    assert sorted(errors.worst(3)) == [0, 1, 2]
+    assert_not_blank(open_png(tmp_path / "feature_errors.png"), 5.0)

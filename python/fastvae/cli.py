@@ -1,15 +1,26 @@
-"""The ``fastvae`` command line: ``fastvae train`` trains on MNIST and writes the model,
-per-epoch metrics and pictures to an output directory; ``eval`` scores a model file on the
-test set, ``sample`` writes prior samples and ``plot`` the pictures of what it learned."""
+"""The ``fastvae`` command line: ``fastvae train`` trains on MNIST or on your own data (a .npy or
+.npz array, a CSV table, a folder of images) and writes the model, per-epoch metrics and
+pictures to an output directory; ``eval`` scores a model file on the test set (or the held-out
+rows of its own data), ``sample`` writes prior samples and ``plot`` the pictures of what it
+learned.
+
+A run on your own data records what it read in DIR/data.json (and, for standardized tables,
+the features' means and standard deviations in DIR/scaler.json), so ``--resume``, ``eval``,
+``plot`` and ``sample`` read the same data the same way.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +32,29 @@ from ._files import atomic_write
 from .errors import DataError, FastVAEError
 
 if TYPE_CHECKING:
+    from .datasets import OwnData, Standardizer
     from .model import VAE
 
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
+DATA_FILE = "data.json"
+SCALER_FILE = "scaler.json"
+BEST_FILE = "best.safetensors"
+_RECORD_FORMAT = 1
+_KIND_WORDS = {
+    "npy": "a .npy array",
+    "npz": "a .npz array",
+    "csv": "a CSV table",
+    "images": "a folder of images",
+}
+_KINDS = tuple(_KIND_WORDS)
+_MNIST_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_DEFAULT_VAL_SPLIT = 0.1
 
 
 def _dims(text: str) -> tuple[int, ...]:
@@ -66,6 +96,26 @@ def _non_negative_int(text: str) -> int:
     return v
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (np.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return v
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except empty ones (None, False) and ones the help already explains."""
 
@@ -80,13 +130,54 @@ class _UsageError(Exception):
     """A bad combination of arguments found after parsing; reported like argparse errors."""
 
 
-def _add_data(p: argparse.ArgumentParser) -> None:
+class _MnistError(DataError):
+    """A problem with the MNIST files, reported with how --data names their folder."""
+
+
+def _add_data(p: argparse.ArgumentParser, what: str, recorded: str) -> None:
     p.add_argument(
         "--data",
-        metavar="DIR",
+        metavar="PATH",
         default=None,
-        help="folder with the four MNIST .gz files (default: $FASTVAE_DATA, else a per-user "
-        "cache, downloading missing files)",
+        help=f"{what}: a folder with the four MNIST .gz files, a .npy or .npz array, a .csv "
+        f"table or a folder of images (default: {recorded}, else MNIST from $FASTVAE_DATA or "
+        "a per-user cache, downloading missing files)",
+    )
+
+
+def _add_data_options(p: argparse.ArgumentParser, recorded: bool) -> None:
+    """How own data is read; `recorded`: a model's run recorded these, the flags override."""
+    default = " (default: as the model's run recorded it)" if recorded else ""
+    p.add_argument(
+        "--key",
+        metavar="NAME",
+        default=None,
+        help=f"the array to use of a .npz file holding several{default}",
+    )
+    p.add_argument(
+        "--label-column",
+        metavar="NAME|INDEX",
+        default=None,
+        help="a table's column of labels (its header's name, or 0-based index): left out of "
+        f"the features, and colours the latent map{default}",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=None,
+        help="folders of images: 1 reads them as grayscale, 3 as RGB (default: "
+        + ("as recorded, else " if recorded else "")
+        + "RGB if any image is in colour)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=_positive(int),
+        metavar="N",
+        default=None,
+        help="folders of images: the side every image is resized (stretched) to (default: "
+        + ("as recorded, else " if recorded else "")
+        + "28)",
     )
 
 
@@ -115,17 +206,48 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
-        help="train a VAE on MNIST and write the model, metrics and pictures",
+        help="train a VAE on MNIST or your own data and write the model, metrics and pictures",
         description=(
-            "Train a VAE on MNIST (the canonical 784-400-20 model by default). Writes to "
+            "Train a VAE on MNIST (the canonical 784-400-20 model by default) or on your own "
+            "data (--data: a .npy/.npz array, a CSV table, a folder of images). Writes to "
             f"--out: {MODEL_FILE} (after every epoch), {METRICS_FILE}, and the pictures of "
-            f"'fastvae plot': {', '.join(PICTURES)}, loss_curve.png ({MANIFOLD} too when "
-            "--latent-dim is 2)."
+            f"'fastvae plot': for images {', '.join(PICTURES)}, loss_curve.png ({MANIFOLD} too "
+            "when --latent-dim is 2); for tables loss_curve.png, latent_map.png and the "
+            "reconstruction error per feature (feature_errors.csv and .png). Own data: "
+            f"{DATA_FILE} records what was read, {SCALER_FILE} the standardization."
         ),
         formatter_class=fmt,
     )
-    _add_data(t)
+    _add_data(t, "what to train on", f"with --resume, the data in the run's {DATA_FILE}")
+    _add_data_options(t, recorded=False)
     t.add_argument("--out", metavar="DIR", default="fastvae-run", help="output directory")
+    t.add_argument(
+        "--likelihood",
+        choices=("bernoulli", "gaussian"),
+        default=None,
+        help="p(x|z): bernoulli for values in [0, 1] (pixels), gaussian for any real values "
+        "(default: bernoulli for MNIST and images, gaussian for tables; a resumed run's own)",
+    )
+    t.add_argument(
+        "--no-standardize",
+        action="store_true",
+        help="gaussian tables: train on the features as they are. By default each feature is "
+        "standardized, (x - mean) / std over the training rows (saved in "
+        f"DIR/{SCALER_FILE}, and undone in samples and per-feature errors), because the "
+        "learned log-variance of each feature is bounded to a fixed range, "
+        f"[{_core.LOGVAR_MIN:g}, {_core.LOGVAR_MAX:g}] (standard deviations "
+        f"{math.exp(_core.LOGVAR_MIN / 2):.2g} to {math.exp(_core.LOGVAR_MAX / 2):.3g}): "
+        "features of much larger or smaller scale would be modelled badly",
+    )
+    t.add_argument(
+        "--val-split",
+        type=_fraction,
+        metavar="F",
+        default=None,
+        help="own data: the fraction of rows held out at random (by --seed) for the "
+        "validation loss and the pictures; 0 holds none out (default: 0.1, or the resumed "
+        "run's; MNIST uses its test set)",
+    )
     t.add_argument(
         "--epochs",
         type=_positive(int),
@@ -143,6 +265,30 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive(float),
         default=None,
         help=f"Adam learning rate (default: {_core.DEFAULT_LR:g}, or the resumed run's)",
+    )
+    t.add_argument(
+        "--beta",
+        type=_non_negative_float,
+        default=None,
+        help="weight of the KL term in the training loss, as in a beta-VAE; the reported "
+        "losses are the true ELBO's (default: 1, or the resumed run's)",
+    )
+    t.add_argument(
+        "--kl-warmup",
+        type=_non_negative_int,
+        metavar="N",
+        default=None,
+        help="epochs over which the KL weight rises linearly from 0 to --beta (default: 0, "
+        "or the resumed run's)",
+    )
+    t.add_argument(
+        "--patience",
+        type=_positive(int),
+        metavar="N",
+        default=None,
+        help="stop when the validation (MNIST: test) loss has not improved for N epochs; the "
+        "model then gets the weights of the epoch with the lowest, which training keeps in "
+        f"DIR/{BEST_FILE} (default: train every epoch; give it again with --resume)",
     )
     t.add_argument(
         "--hidden-dims",
@@ -168,30 +314,34 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help=f"continue the run in --out from its {MODEL_FILE} (model settings come from the "
-        "file; --epochs is the total)",
+        f"file, data settings from its {DATA_FILE}; --epochs is the total)",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
 
     e = sub.add_parser(
         "eval",
-        help="score a model on the MNIST test set: ELBO and importance-weighted log p(x)",
+        help="score a model on the MNIST test set (or its own data's held-out rows): ELBO and "
+        "importance-weighted log p(x)",
         description=(
-            "Print a model's mean test ELBO per image in nats (one z sample per image; the "
+            "Print a model's mean test ELBO per example in nats (one z sample per example; the "
             "negative of the training loss) and, with --k > 0, the importance-weighted "
             "estimate of log p(x) with k samples (Burda et al., 2016), a tighter lower bound "
-            "(papers use k=5000)."
+            "(papers use k=5000). A model trained on your own data is scored on the rows its "
+            f"run held out for validation (all rows with --val-split 0), read as its {DATA_FILE} "
+            "says; standardized tables are scored in standardized units."
         ),
         formatter_class=fmt,
     )
     _add_model(e)
-    _add_data(e)
+    _add_data(e, "what to score", f"the data in the {DATA_FILE} beside MODEL")
+    _add_data_options(e, recorded=True)
     e.add_argument(
         "--k",
         type=_non_negative_int,
         metavar="K",
         default=0,
-        help="samples per image for the importance-weighted estimate (0: skip it)",
+        help="samples per example for the importance-weighted estimate (0: skip it)",
     )
     e.add_argument(
         "--binarize",
@@ -206,7 +356,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=None,
         metavar="N",
-        help="score only the first N test images (default: all 10000)",
+        help="score only the first N examples (default: all, 10000 for MNIST)",
     )
     _add_threads(e)
     e.add_argument(
@@ -218,8 +368,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "sample",
-        help="write a grid of images decoded from prior samples",
-        description="Decode N draws z ~ N(0, I) and write them as one PNG grid.",
+        help="write samples from the prior: an image grid, or rows of a table",
+        description=(
+            "Decode N draws z ~ N(0, I) and write them as one PNG grid (image models) or as "
+            "rows of a .csv or .npy file (any model; tables in their own units, the "
+            "standardization undone)."
+        ),
         formatter_class=fmt,
     )
     _add_model(s)
@@ -227,7 +381,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--seed", metavar="S", type=_non_negative_int, default=0, help="seed of the draws"
     )
-    s.add_argument("--out", metavar="FILE", default="samples.png", help="PNG file to write")
+    s.add_argument(
+        "--out",
+        metavar="FILE",
+        default=None,
+        help="a .png file for a grid of images, or a .csv or .npy file for rows (default: "
+        "samples.png, or samples.csv for a model of a table)",
+    )
+    s.add_argument(
+        "--draw",
+        action="store_true",
+        help="write draws x ~ p(x|z) (binary pixels, or means plus Gaussian noise) instead of "
+        "the means of p(x|z)",
+    )
     _add_threads(s)
     s.set_defaults(func=_sample)
 
@@ -235,13 +401,17 @@ def _parser() -> argparse.ArgumentParser:
         "plot",
         help="write pictures of what a model learned",
         description=(
-            f"Write {', '.join(PICTURES)} for the MNIST test set, {MANIFOLD} when the model's "
-            "latent_dim is 2, and loss_curve.png when the model file holds a training history."
+            f"Write {', '.join(PICTURES)} for the MNIST test set (or an image model's "
+            f"held-out rows), {MANIFOLD} when the model's latent_dim is 2, and loss_curve.png "
+            "when the model file holds a training history; for a model of a table, "
+            "latent_map.png, the reconstruction error per feature (feature_errors.csv and "
+            ".png) and loss_curve.png."
         ),
         formatter_class=fmt,
     )
     _add_model(pl)
-    _add_data(pl)
+    _add_data(pl, "what to draw", f"the data in the {DATA_FILE} beside MODEL")
+    _add_data_options(pl, recorded=True)
     pl.add_argument(
         "--out", metavar="DIR", default=None, help="output directory (default: MODEL's folder)"
     )
@@ -262,19 +432,12 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _metrics_lines(history: dict[str, list[Any]]) -> str:
+    keys = ["epoch", "train_loss", "val_loss", "samples_per_sec", "seconds"]
+    if "beta" in history:
+        keys.append("beta")
     rows = []
     for i in range(len(history["epoch"])):
-        rows.append(
-            json.dumps(
-                {
-                    "epoch": history["epoch"][i],
-                    "train_loss": history["train_loss"][i],
-                    "val_loss": history["val_loss"][i],
-                    "samples_per_sec": history["samples_per_sec"][i],
-                    "seconds": history["seconds"][i],
-                }
-            )
-        )
+        rows.append(json.dumps({k: history[k][i] for k in keys}))
     return "".join(r + "\n" for r in rows)
 
 
@@ -288,80 +451,506 @@ def _load_model(path: str, threads: int | None) -> VAE:
     return VAE.load(path, threads=threads)
 
 
-def _test_set(vae: VAE, data: str | None) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+def _likelihood(vae: VAE) -> str:
+    return str(getattr(vae, "likelihood", "bernoulli"))
+
+
+# -- what a command trains on or scores ------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Data:
+    """Rows ready for a model: training rows, held-out rows and how to describe them."""
+
+    x_train: NDArray[np.float32] | None  # None when only scoring
+    x_val: NDArray[np.float32] | None  # held out: MNIST's test set or own data's validation rows
+    shown: NDArray[np.float32]  # the rows scored and pictured: x_val, else every row
+    labels: NDArray[Any] | None  # of `shown`
+    image_shape: tuple[int, int, int] | None  # None: a table
+    val_name: str  # "test", "validation" or "training": what `shown` is
+    described: str  # `shown` in words, for messages
+    record: dict[str, Any] | None = None  # None: MNIST
+    scaler: Standardizer | None = None
+    feature_names: list[str] | None = None
+    label_name: str | None = None
+
+    @property
+    def noun(self) -> str:
+        return "rows" if self.image_shape is None else "images"
+
+
+def _is_mnist(path: str | None) -> bool:
+    """Whether --data names MNIST: no path (the default folder), a folder holding any of its
+    files, or an empty folder (to download into, as ever); anything else is own data."""
+    if path is None:
+        return True
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if not p.is_dir():
+        return False
+    if any((p / n).is_file() or (p / f"{n}.gz").is_file() for n in _MNIST_NAMES):
+        return True
+    return not any(not e.name.startswith(".") for e in os.scandir(p))
+
+
+def _mnist(split: str, root: str | None) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     from .datasets import load_mnist
 
-    x, y = load_mnist("test", root=data)
-    if vae.input_dim != x.shape[1]:
-        raise _UsageError(
-            f"the model takes {vae.input_dim} inputs per image, MNIST images have {x.shape[1]}"
+    try:
+        return load_mnist(split, root=root)
+    except _MnistError:
+        raise
+    except DataError as e:
+        raise _MnistError(str(e)) from None
+
+
+def _mnist_data(root: str | None, training: bool) -> _Data:
+    x_test, y_test = _mnist("test", root)
+    x_train = _mnist("train", root)[0] if training else None
+    return _Data(x_train, x_test, x_test, y_test, (28, 28, 1), "test", "MNIST test set")
+
+
+def _read_record(folder: Path) -> dict[str, Any] | None:
+    """A run's data.json, checked; None when the run has none (it trained on MNIST)."""
+    path = folder / DATA_FILE
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a readable record of the run's data ({e})") from None
+    ok = (
+        isinstance(rec, dict)
+        and rec.get("format") == _RECORD_FORMAT
+        and rec.get("kind") in _KINDS
+        and isinstance(rec.get("path"), str)
+        and isinstance(rec.get("val_split"), float | int)
+        and 0 <= rec["val_split"] < 1
+        and isinstance(rec.get("split_seed"), int)
+        and isinstance(rec.get("standardize"), bool)
+    )
+    if not ok:
+        raise DataError(f"{path}: not a record of the run's data written by fastvae train")
+    return rec
+
+
+def _recorded_path(args: argparse.Namespace, record: dict[str, Any]) -> str:
+    """--data, else the path the run recorded (which must still be there)."""
+    if args.data is not None:
+        return str(args.data)
+    path = str(record["path"])
+    if not os.path.exists(path):
+        raise DataError(
+            f"{path}: no such file or folder; the run trained on it (if it moved, pass --data "
+            "with its new place)"
         )
-    return x, y
+    return path
+
+
+def _read_scaler(folder: Path, width: int) -> Standardizer:
+    from .datasets import Standardizer
+
+    path = folder / SCALER_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(
+            f"{path}: the run standardized its features, but their means and standard "
+            f"deviations cannot be read ({e})"
+        ) from None
+    return Standardizer.from_dict(raw, width, str(path))
+
+
+def _given(args: argparse.Namespace, name: str) -> Any:
+    return getattr(args, name, None)
+
+
+def _own_data(
+    args: argparse.Namespace,
+    path: str,
+    record: dict[str, Any] | None,
+    folder: Path,
+    likelihood: str | None,
+    training: bool,
+) -> tuple[_Data, dict[str, Any]]:
+    """Read own data as `record` says (flags given override it; with no record, as the flags
+    say), split it, standardize it; returns the rows and the record of what was read.
+
+    `likelihood` is the model's (None: a new run, chosen here); `folder` holds the run's
+    scaler.json. A new run fits the standardization on its training rows.
+    """
+    from .datasets import Standardizer, load_data, split_rows
+
+    rec = record or {}
+    if record is not None and _kind_of(path) not in (None, record["kind"]):
+        raise _UsageError(
+            f"the model was trained on {_KIND_WORDS[record['kind']]} ({record['path']}); "
+            f"{path} is {_KIND_WORDS[str(_kind_of(path))]}"
+        )
+    settings = {
+        name: _given(args, name) if _given(args, name) is not None else rec.get(name)
+        for name in ("key", "label_column", "channels", "image_size")
+    }
+    data = load_data(path, **settings)
+    if record is not None and data.kind != record["kind"]:
+        raise _UsageError(
+            f"the model was trained on {_KIND_WORDS[record['kind']]} ({record['path']}); "
+            f"{path} holds {_KIND_WORDS[data.kind]}"
+        )
+    n = data.x.shape[0]
+    if record is not None and record.get("rows") not in (None, n):
+        print(
+            f"fastvae: warning: {path} has {n} rows, the run was trained on {record['rows']}: "
+            "its validation rows are not the ones held out then",
+            file=sys.stderr,
+        )
+
+    val_split = rec.get("val_split", 0.0 if not training else _DEFAULT_VAL_SPLIT)
+    given_split = _given(args, "val_split")
+    if given_split is not None:
+        if record is not None and given_split != record["val_split"]:
+            raise _UsageError(
+                f"the run held out --val-split {record['val_split']} of its rows; resuming "
+                f"with {given_split} would train on rows it validated on"
+            )
+        val_split = given_split
+    split_seed = rec.get("split_seed", args.seed)
+    if likelihood is None:
+        likelihood = _given(args, "likelihood") or ("gaussian" if data.tabular else "bernoulli")
+    if record is not None:
+        standardize = record["standardize"]
+    else:
+        standardize = training and data.tabular and likelihood == "gaussian"
+        standardize = standardize and not args.no_standardize
+
+    if likelihood == "bernoulli":
+        _check_unit_range(data)
+    train_idx, val_idx = split_rows(n, float(val_split), split_seed)
+    scaler = None
+    if standardize:
+        if record is None:
+            scaler = Standardizer.fit(data.x[train_idx])
+        else:
+            scaler = _read_scaler(folder, data.x.shape[1])
+    x = scaler.transform(data.x) if scaler is not None else data.x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise DataError(
+            f"{path}: values too large for 32-bit floats; standardize the features (Gaussian "
+            "tables are, unless --no-standardize is given)"
+        )
+    x_train = x[train_idx] if training else None
+    x_val = x[val_idx] if len(val_idx) else None
+    shown = x_val if x_val is not None else x
+    rows = val_idx if x_val is not None else np.arange(n)
+    labels = data.labels[rows] if data.labels is not None else None
+    val_name = "validation" if x_val is not None else "training"
+    what = f"{val_name} rows of {path}" if x_val is not None else f"all rows of {path}"
+    new_record = {
+        "format": _RECORD_FORMAT,
+        "kind": data.kind,
+        "path": str(Path(path).expanduser().resolve()),
+        "key": settings["key"],
+        "label_column": settings["label_column"],
+        # Images of a folder are read again at the size and channels chosen now.
+        "channels": data.image_shape[2] if data.kind == "images" and data.image_shape else None,
+        "image_size": data.image_shape[0] if data.kind == "images" and data.image_shape else None,
+        "image_shape": list(data.image_shape) if data.image_shape else None,
+        "features": data.feature_names,
+        "label_name": data.label_name,
+        "likelihood": likelihood,
+        "standardize": scaler is not None,
+        "val_split": float(val_split),
+        "split_seed": split_seed,
+        "rows": n,
+    }
+    prepared = _Data(
+        x_train,
+        x_val,
+        shown,
+        labels,
+        data.image_shape,
+        val_name,
+        f"{what} ({data.kind})",
+        new_record,
+        scaler,
+        data.feature_names,
+        data.label_name,
+    )
+    return prepared, new_record
+
+
+def _kind_of(path: str) -> str | None:
+    """The kind of own data a path holds, by its type and name (None: unknown)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return "images"
+    suffix = p.suffix.lower()
+    return {".npy": "npy", ".npz": "npz", ".csv": "csv", ".tsv": "csv", ".txt": "csv"}.get(suffix)
+
+
+def _check_unit_range(data: OwnData) -> None:
+    """The Bernoulli likelihood's domain, [0, 1], with the first value outside it named."""
+    x = data.x
+    lo, hi = float(x.min()), float(x.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return
+    i, j = (int(v) for v in np.argwhere((x < 0) | (x > 1))[0])
+    if data.feature_names is not None:
+        where = f"feature {data.feature_names[j]!r} of row {i}"
+    else:
+        where = f"value {j} of image {i}"
+    raise DataError(
+        f"{data.path}: the Bernoulli likelihood models values in [0, 1], but {where} is "
+        f"{x[i, j]:g} (the values range from {lo:g} to {hi:g}); use --likelihood gaussian "
+        "for real-valued data"
+    )
+
+
+def _model_data(args: argparse.Namespace, vae: VAE, model: str) -> _Data:
+    """What eval and plot score and draw: the model's own data as its run recorded it
+    (--data and the other flags override), else MNIST's test set, else --data as it is."""
+    folder = Path(model).resolve().parent
+    record = _read_record(folder)
+    if record is None and _is_mnist(args.data):
+        data = _mnist_data(args.data, training=False)
+    else:
+        path = args.data if record is None else _recorded_path(args, record)
+        assert path is not None
+        if record is not None and _is_mnist(path):
+            raise _UsageError(
+                f"the model was trained on {_KIND_WORDS[record['kind']]} ({record['path']}), "
+                f"not on MNIST ({path})"
+            )
+        data, _ = _own_data(args, path, record, folder, _likelihood(vae), training=False)
+    _check_width(vae, data)
+    return data
+
+
+def _check_width(vae: VAE, data: _Data) -> None:
+    width = data.shown.shape[1]
+    if vae.input_dim != width:
+        raise _UsageError(
+            f"the model takes {vae.input_dim} inputs per example, the {data.described} have {width}"
+        )
+
+
+# -- train -----------------------------------------------------------------------------------
+
+
+def _stalled(val_loss: list[Any], patience: int) -> int | None:
+    """The best epoch's index when the last `patience` epochs brought no lower loss."""
+    values = [np.inf if v is None else v for v in val_loss]
+    if not values:
+        return None
+    best = int(np.argmin(values))
+    return best if len(values) - 1 - best >= patience else None
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import pictures
-    from .datasets import binarize, load_mnist
     from .model import VAE
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
-    x_train, _ = load_mnist("train", root=args.data)
-    x_test, y_test = load_mnist("test", root=args.data)
+    record = _read_record(out) if args.resume else None
 
     # Training settings: the flags, else the resumed run's, else the defaults.
     saved: dict[str, Any] = {}
+    vae: VAE | None = None
+    likelihood = None
     if args.resume:
         vae = VAE.load(model_path, threads=args.threads)
-        saved = getattr(vae, "fit_params_", {})
+        saved = getattr(vae, "fit_params_", None) or {}
+        likelihood = _likelihood(vae)
+        if args.likelihood is not None and args.likelihood != likelihood:
+            raise _UsageError(
+                f"the run's model has the {likelihood} likelihood; it cannot resume as "
+                f"--likelihood {args.likelihood}"
+            )
         print(f"resuming {model_path} at epoch {len(vae.history_['epoch'])}", file=sys.stderr)
+
+    path = args.data if record is None else _recorded_path(args, record)
+    if record is None and _is_mnist(path):
+        if args.resume is False:
+            for stale in (DATA_FILE, SCALER_FILE, BEST_FILE):
+                (out / stale).unlink(missing_ok=True)
+        data = _mnist_data(path, training=True)
+        likelihood = likelihood or args.likelihood or "bernoulli"
+    else:
+        assert path is not None
+        if args.resume and record is None:
+            raise _UsageError(
+                f"{out} has no {DATA_FILE}, so its model was trained on MNIST, not on {path}"
+            )
+        if record is not None and _is_mnist(path):
+            raise _UsageError(
+                f"the run in {out} trained on {_KIND_WORDS[record['kind']]} ({record['path']}), "
+                f"not on MNIST ({path})"
+            )
+        data, new_record = _own_data(args, path, record, out, likelihood, training=True)
+        likelihood = new_record["likelihood"]
+        if not args.resume:
+            (out / BEST_FILE).unlink(missing_ok=True)
+        # Written before training, so an interrupted run can resume.
+        if data.scaler is not None:
+            _write_text(out / SCALER_FILE, json.dumps(data.scaler.to_dict()) + "\n")
+        else:
+            (out / SCALER_FILE).unlink(missing_ok=True)
+        _write_text(out / DATA_FILE, json.dumps(new_record, indent=1) + "\n")
+    assert data.x_train is not None
+
     batch_size = args.batch_size or saved.get("batch_size", _core.DEFAULT_BATCH_SIZE)
     lr = args.lr or saved.get("lr", _core.DEFAULT_LR)
     mode = args.binarize or saved.get("binarize") or "none"
     dynamic = mode == "dynamic"
+    if dynamic and likelihood != "bernoulli":
+        raise _UsageError("--binarize dynamic draws binary pixels: it needs --likelihood bernoulli")
+    if args.patience is not None and data.x_val is None:
+        raise _UsageError("--patience watches the validation loss: it needs --val-split > 0")
+    # None: the model's default.
+    beta = args.beta if args.beta is not None else saved.get("beta")
+    kl_warmup = args.kl_warmup if args.kl_warmup is not None else saved.get("kl_warmup")
     # Dynamic binarization is scored on one fixed Bernoulli draw of the test set.
-    x_eval = binarize(x_test) if dynamic else x_test
-    if not args.resume:
+    x_eval = data.x_val
+    if dynamic and x_eval is not None:
+        from .datasets import binarize
+
+        x_eval = binarize(x_eval)
+    if vae is None:
         vae = VAE(
-            input_dim=x_train.shape[1],
+            input_dim=data.x_train.shape[1],
             hidden_dims=args.hidden_dims,
             latent_dim=args.latent_dim,
             activation=args.activation,
             seed=args.seed,
             threads=args.threads,
+            likelihood=likelihood,
         )
+    else:
+        _check_width(vae, data)
+
     done = getattr(vae, "epochs_trained_", 0)
-    for epoch in range(done + 1, args.epochs + 1):
+    stopped = None
+    if args.patience is not None and done:
+        stopped = _stalled(vae.history_["val_loss"], args.patience)
+    first = done + 1 if stopped is None else args.epochs + 1
+    val_word = data.val_name
+    for epoch in range(first, args.epochs + 1):
         t0 = time.perf_counter()
         vae.fit(
-            x_train,
+            data.x_train,
             epochs=1,
             batch_size=batch_size,
             lr=lr,
             validation_data=x_eval,
             progress=not args.no_progress,
             binarize="dynamic" if dynamic else None,
+            beta=beta,
+            kl_warmup=kl_warmup,
         )
         h = vae.history_
         vae.save(model_path)
         _write_text(out / METRICS_FILE, _metrics_lines(h))
+        val = h["val_loss"][-1]
+        val_text = f"  {val_word} loss {val:.2f}" if val is not None else ""
         print(
-            f"epoch {epoch}/{args.epochs}  train loss {h['train_loss'][-1]:.2f}  "
-            f"test loss {h['val_loss'][-1]:.2f}  {h['samples_per_sec'][-1]:,.0f} samples/s  "
+            f"epoch {epoch}/{args.epochs}  train loss {h['train_loss'][-1]:.2f}{val_text}  "
+            f"{h['samples_per_sec'][-1]:,.0f} samples/s  "
             f"({time.perf_counter() - t0:.1f} s)",
             flush=True,
         )
+        if args.patience is not None:
+            earlier = [v for v in h["val_loss"][:-1] if v is not None]
+            if val is not None and (not earlier or val < min(earlier)):
+                vae.save(out / BEST_FILE)
+            stopped = _stalled(h["val_loss"], args.patience)
+            if stopped is not None:
+                break
     if not hasattr(vae, "epochs_trained_"):
         raise FastVAEError("nothing to do: --epochs is not above the epochs already trained")
+    if stopped is not None:
+        best_epoch = vae.history_["epoch"][stopped]
+        best_path = out / BEST_FILE
+        if best_path.exists():
+            vae.set_weights(VAE.load(best_path, threads=args.threads).weights())
+            vae.save(model_path)
+        print(
+            f"stopped early: no lower {val_word} loss for {args.patience} epochs; the model "
+            f"holds the weights of epoch {best_epoch}, the lowest"
+        )
 
-    names = pictures.write_pictures(vae, x_test, y_test, out, seed=args.seed)
-    test_loss = -float(vae.elbo(x_eval).mean())
-    which = "fixed binarized test set" if dynamic else "test set"
-    print(f"test loss (BCE + KL per example, {which}): {test_loss:.2f} nats")
-    print(f"wrote {model_path}, {out / METRICS_FILE}, and pictures in {out}/:")
+    names, errors = _pictures(vae, data, out, args.seed)
+    if x_eval is not None:
+        loss = -float(vae.elbo(x_eval).mean())
+        if data.record is None:
+            which = "fixed binarized test set" if dynamic else "test set"
+        else:
+            which = f"{len(x_eval):,} {data.val_name} {data.noun}"
+            which += ", fixed binarization" if dynamic else ""
+        print(f"{val_word} loss ({_loss_terms(vae)} per example, {which}): {loss:.2f} nats")
+    if errors is not None:
+        _print_worst(errors, data)
+    written = [str(model_path), str(out / METRICS_FILE)]
+    if data.record is not None:
+        written.append(str(out / DATA_FILE))
+    if data.scaler is not None:
+        written.append(str(out / SCALER_FILE))
+    print(f"wrote {', '.join(written[:-1])}, {written[-1]}, and pictures in {out}/:")
     print("  " + "  ".join(names))
     return 0
+
+
+def _loss_terms(vae: VAE) -> str:
+    return "Gaussian NLL + KL" if _likelihood(vae) == "gaussian" else "BCE + KL"
+
+
+def _pictures(vae: VAE, data: _Data, out: Path, seed: int) -> tuple[list[str], Any]:
+    """Write a model's pictures for `data`: the image set, or the table set with its
+    per-feature errors (returned too; None for images)."""
+    from . import pictures
+
+    if data.image_shape is not None:
+        names = pictures.write_pictures(
+            vae,
+            data.shown,
+            data.labels,
+            out,
+            seed=seed,
+            image_shape=data.image_shape,
+            label_name=data.label_name or "digit",
+            val_label=data.val_name,
+        )
+        return names, None
+    scaler = data.scaler
+    names, errors = pictures.write_table_pictures(
+        vae,
+        data.shown,
+        data.labels,
+        out,
+        feature_names=data.feature_names,
+        label_name=data.label_name or "label",
+        mean=None if scaler is None else scaler.mean,
+        std=None if scaler is None else scaler.std,
+        val_label=data.val_name,
+    )
+    return names, errors
+
+
+def _print_worst(errors: Any, data: _Data, k: int = 5) -> None:
+    worst = errors.worst(k)
+    parts = []
+    for j in worst:
+        rel = errors.relative[j]
+        text = f"{errors.names[j]} {rel:.3f}" if np.isfinite(rel) else f"{errors.names[j]} -"
+        parts.append(text)
+    print(
+        f"worst reconstructed features (mean squared error / variance, {data.val_name} rows; "
+        f"0 is perfect, 1 no better than the mean): {', '.join(parts)}"
+    )
+
+
+# -- eval ------------------------------------------------------------------------------------
 
 
 def _mean_and_stderr(v: NDArray[np.float64]) -> tuple[float, float]:
@@ -392,7 +981,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     vae = _load_model(args.model, args.threads)
     mode = args.binarize or getattr(vae, "fit_params_", {}).get("binarize") or "none"
-    x, _ = _test_set(vae, args.data)
+    if mode == "dynamic" and _likelihood(vae) != "bernoulli":
+        raise _UsageError("--binarize dynamic draws binary pixels: the model is not Bernoulli")
+    data = _model_data(args, vae, args.model)
+    x = data.shown
     if mode == "dynamic":
         x = binarize(x)
     if args.limit is not None:
@@ -406,9 +998,14 @@ def _eval(args: argparse.Namespace) -> int:
         values = _log_likelihood(vae, x, args.k, args.seed, not args.no_progress)
         ll, ll_sem = _mean_and_stderr(values)
         ll_seconds = time.perf_counter() - t0
+    standardized = data.scaler is not None
     if args.json:
         result = {
             "model": args.model,
+            "data": "mnist" if data.record is None else data.record["path"],
+            "split": data.val_name,
+            "likelihood": _likelihood(vae),
+            "standardized": standardized,
             "examples": len(x),
             "binarize": mode,
             "seed": args.seed,
@@ -424,42 +1021,99 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     arch = "-".join(str(d) for d in (vae.input_dim, *vae.hidden_dims, vae.latent_dim))
-    print(f"model     {args.model}: {arch} {vae.activation}, {vae.epochs_trained_} epochs trained")
-    data = "fixed binarization" if mode == "dynamic" else "grayscale"
-    print(f"data      MNIST test set, {len(x):,} images ({data})")
     print(
-        f"ELBO      {elbo:.2f} nats per image (+/- {elbo_sem:.2f} std. error; loss "
+        f"model     {args.model}: {arch} {vae.activation}, {_likelihood(vae)}, "
+        f"{vae.epochs_trained_} epochs trained"
+    )
+    noun = data.noun[:-1]
+    if data.record is None:
+        kind = "fixed binarization" if mode == "dynamic" else "grayscale"
+        print(f"data      MNIST test set, {len(x):,} images ({kind})")
+    else:
+        notes = ["standardized, so in standardized units"] if standardized else []
+        notes += ["fixed binarization"] if mode == "dynamic" else []
+        note = f" ({'; '.join(notes)})" if notes else ""
+        print(f"data      {data.described}: {len(x):,} {data.noun}{note}")
+    print(
+        f"ELBO      {elbo:.2f} nats per {noun} (+/- {elbo_sem:.2f} std. error; loss "
         f"{-elbo:.2f}), 1 sample, seed {args.seed}"
     )
     if ll is not None:
         print(
-            f"log p(x) >= {ll:.2f} nats per image (+/- {ll_sem:.2f}), importance-weighted with "
-            f"k={args.k}, seed {args.seed} ({ll_seconds:.1f} s)"
+            f"log p(x) >= {ll:.2f} nats per {noun} (+/- {ll_sem:.2f}), importance-weighted "
+            f"with k={args.k}, seed {args.seed} ({ll_seconds:.1f} s)"
         )
     return 0
+
+
+# -- sample and plot -------------------------------------------------------------------------
+
+_ROW_SUFFIXES = (".csv", ".npy")
 
 
 def _sample(args: argparse.Namespace) -> int:
     from . import images
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise _UsageError(f"--out must name a .png file, got {args.out!r}")
+    folder = Path(args.model).resolve().parent
+    record = _read_record(folder)
+    table = record is not None and record.get("image_shape") is None
+    out = Path(args.out if args.out is not None else "samples.csv" if table else "samples.png")
+    suffix = out.suffix.lower()
+    if suffix not in (".png", *_ROW_SUFFIXES):
+        raise _UsageError(
+            f"--out must name a .png file (a grid of images) or a .csv or .npy file (rows), "
+            f"got {str(out)!r}"
+        )
+    if suffix == ".png" and table:
+        assert record is not None
+        raise _UsageError(
+            f"the model was trained on a table ({record['path']}), so its samples are rows: "
+            "write them with --out FILE.csv or FILE.npy"
+        )
     vae = _load_model(args.model, args.threads)
-    rows, cols = images.grid_shape(args.n)
-    images.save_png(images.image_grid(vae.sample(args.n, seed=args.seed), rows, cols), out)
-    print(f"wrote {out}: {args.n} samples from the prior ({rows} x {cols} grid, seed {args.seed})")
+    x = vae.sample(args.n, seed=args.seed, draw=args.draw)
+    what = "draws" if args.draw else "samples"
+    if suffix == ".png":
+        shape = record["image_shape"] if record is not None else None
+        try:
+            h, w, c = images.image_shape(x.shape[1], shape)
+        except ValueError as e:
+            raise _UsageError(f"{e}: write the samples with --out FILE.csv or FILE.npy") from None
+        rows, cols = images.grid_shape(args.n)
+        scale = images.display_scale((h, w))
+        images.save_png(images.image_grid(x, rows, cols, scale=scale, shape=(h, w, c)), out)
+        print(
+            f"wrote {out}: {args.n} {what} from the prior ({rows} x {cols} grid, seed {args.seed})"
+        )
+        return 0
+    values = np.asarray(x, dtype=np.float64)
+    names = [str(j) for j in range(x.shape[1])]
+    if record is not None:
+        names = record.get("features") or names
+        if record["standardize"]:
+            values = _read_scaler(folder, x.shape[1]).inverse(values)
+    if suffix == ".npy":
+        atomic_write(out, lambda f: np.save(f, values))
+    else:
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(names)
+        writer.writerows([f"{v:.7g}" for v in row] for row in values)
+        _write_text(out, text.getvalue())
+    print(
+        f"wrote {out}: {args.n} {what} from the prior, {x.shape[1]} values each (seed {args.seed})"
+    )
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from . import pictures
-
     vae = _load_model(args.model, args.threads)
     out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
-    x, y = _test_set(vae, args.data)
-    names = pictures.write_pictures(vae, x, y, out, seed=args.seed)
+    data = _model_data(args, vae, args.model)
+    names, errors = _pictures(vae, data, out, args.seed)
+    if errors is not None:
+        _print_worst(errors, data)
     print(f"wrote pictures in {out}/:")
     print("  " + "  ".join(names))
     return 0
@@ -471,7 +1125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (FastVAEError, OSError, FloatingPointError, _UsageError) as e:
         print(f"fastvae: error: {e}", file=sys.stderr)
-        if isinstance(e, DataError):
+        if isinstance(e, _MnistError):
             print("fastvae: on the command line, --data DIR names the folder", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
-"""Datasets for fastvae: MNIST (mnist.py: find, verify, download) and the IDX files it and
-similar datasets are stored in (idx.py: read), plus :func:`binarize`. This package holds no
-model code; the binarization's draws are the core's.
+"""Datasets for fastvae: MNIST (mnist.py: find, verify, download), the IDX files it and
+similar datasets are stored in (idx.py: read), your own data (files.py: .npy/.npz arrays, CSV
+tables, folders of images; the held-out split and standardization), plus :func:`binarize`.
+This package holds no model code; the binarization's draws are the core's.
 """
 
 from __future__ import annotations
@@ -9,10 +10,31 @@ import numpy as np
 
 from .. import _core
 from ..errors import InputError
+from .files import (
+    OwnData,
+    Standardizer,
+    load_array,
+    load_csv,
+    load_data,
+    load_image_folder,
+    split_rows,
+)
 from .idx import load_idx_dataset, read_idx
 from .mnist import load_mnist
 
-__all__ = ["binarize", "load_idx_dataset", "load_mnist", "read_idx"]
+__all__ = [
+    "OwnData",
+    "Standardizer",
+    "binarize",
+    "load_array",
+    "load_csv",
+    "load_data",
+    "load_idx_dataset",
+    "load_image_folder",
+    "load_mnist",
+    "read_idx",
+    "split_rows",
+]
 
 
 def binarize(x: np.ndarray, seed: int = 0) -> np.ndarray:
