@@ -111,6 +111,22 @@ def test_thread_counts_both_train_to_similar_losses(small_data: np.ndarray) -> N
 # --------------------------------------------------------------------------------------------
 
 
+def test_on_epoch_end_sees_each_epoch_and_can_stop(small_data: np.ndarray) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def stop_after_two(vae: VAE) -> bool:
+        seen.append((vae.epochs_trained_, len(vae.history_["epoch"])))
+        return len(seen) == 2
+
+    vae = VAE(**SMALL, seed=1, threads=1)
+    vae.fit(small_data, epochs=5, progress=False, on_epoch_end=stop_after_two)
+    assert seen == [(1, 1), (2, 2)]
+    assert vae.epochs_trained_ == 2
+    # Stopping there leaves what two epochs give, bit for bit.
+    plain = VAE(**SMALL, seed=1, threads=1).fit(small_data, epochs=2, progress=False)
+    assert_same_weights(vae.weights(), plain.weights())
+
+
 def test_history_without_validation_data(small_data: np.ndarray) -> None:
     vae = fit_small(small_data, seed=0, threads=1, epochs=2)
     h = vae.history_

@@ -831,16 +831,43 @@ def _train(args: argparse.Namespace) -> int:
         _check_width(vae, data)
 
     done = getattr(vae, "epochs_trained_", 0)
-    stopped = None
+    stopped: int | None = None
     if args.patience is not None and done:
         stopped = _stalled(vae.history_["val_loss"], args.patience)
     first = done + 1 if stopped is None else args.epochs + 1
     val_word = data.val_name
-    for epoch in range(first, args.epochs + 1):
+    t0 = time.perf_counter()
+
+    def epoch_done(vae: VAE) -> bool:
+        """Save and report the epoch just trained; whether patience has run out."""
+        nonlocal t0, stopped
+        h = vae.history_
+        vae.save(model_path)
+        _write_text(out / METRICS_FILE, _metrics_lines(h))
+        val = h["val_loss"][-1]
+        val_text = f"  {val_word} loss {val:.2f}" if val is not None else ""
+        print(
+            f"epoch {h['epoch'][-1]}/{args.epochs}  train loss {h['train_loss'][-1]:.2f}"
+            f"{val_text}  {h['samples_per_sec'][-1]:,.0f} samples/s  "
+            f"({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
         t0 = time.perf_counter()
+        if args.patience is None:
+            return False
+        # Patience counts across resumed runs (the model's own counts within one fit), so the
+        # best weights are kept in a file of their own.
+        earlier = [v for v in h["val_loss"][:-1] if v is not None]
+        if val is not None and (not earlier or val < min(earlier)):
+            vae.save(out / BEST_FILE)
+        stopped = _stalled(h["val_loss"], args.patience)
+        return stopped is not None
+
+    if first <= args.epochs:
+        # One fit for every epoch: the data are converted for the core once.
         vae.fit(
             data.x_train,
-            epochs=1,
+            epochs=args.epochs - first + 1,
             batch_size=batch_size,
             lr=lr,
             validation_data=x_eval,
@@ -848,25 +875,8 @@ def _train(args: argparse.Namespace) -> int:
             binarize="dynamic" if dynamic else None,
             beta=beta,
             kl_warmup=kl_warmup,
+            on_epoch_end=epoch_done,
         )
-        h = vae.history_
-        vae.save(model_path)
-        _write_text(out / METRICS_FILE, _metrics_lines(h))
-        val = h["val_loss"][-1]
-        val_text = f"  {val_word} loss {val:.2f}" if val is not None else ""
-        print(
-            f"epoch {epoch}/{args.epochs}  train loss {h['train_loss'][-1]:.2f}{val_text}  "
-            f"{h['samples_per_sec'][-1]:,.0f} samples/s  "
-            f"({time.perf_counter() - t0:.1f} s)",
-            flush=True,
-        )
-        if args.patience is not None:
-            earlier = [v for v in h["val_loss"][:-1] if v is not None]
-            if val is not None and (not earlier or val < min(earlier)):
-                vae.save(out / BEST_FILE)
-            stopped = _stalled(h["val_loss"], args.patience)
-            if stopped is not None:
-                break
     if not hasattr(vae, "epochs_trained_"):
         raise FastVAEError("nothing to do: --epochs is not above the epochs already trained")
     if stopped is not None:

@@ -18,7 +18,7 @@ import numbers
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -608,6 +608,7 @@ class VAE:
         binarize: str | None = None,
         validation_data: Any = None,
         progress: bool = True,
+        on_epoch_end: Callable[[VAE], bool | None] | None = None,
     ) -> VAE:
         """Train for ``epochs`` more epochs, continuing from the current weights and Adam state.
 
@@ -630,6 +631,10 @@ class VAE:
             holds out ``validation_fraction`` of x's rows.
         progress : bool
             Show a progress bar with the running loss and samples/s.
+        on_epoch_end : callable or None
+            Called with the model after every epoch, once ``history_`` records it (to save a
+            checkpoint, say); returning True stops training there. The data are converted
+            once per ``fit``, so one ``fit`` with a callback is cheaper than a ``fit`` per epoch.
 
         Returns
         -------
@@ -704,9 +709,11 @@ class VAE:
                     self.__dict__.pop(name, None)
                 for _ in range(s.epochs):
                     self._fit_epoch(model, data, val, s, progress)
+                    if on_epoch_end is not None and on_epoch_end(self):
+                        break
             else:
                 assert val is not None
-                self._fit_early_stopping(model, data, val, s, progress)
+                self._fit_early_stopping(model, data, val, s, progress, on_epoch_end)
         return self
 
     @staticmethod
@@ -735,6 +742,7 @@ class VAE:
         val: _core.Dataset | _MappedRows,
         s: _Training,
         progress: bool,
+        on_epoch_end: Callable[[VAE], bool | None] | None,
     ) -> None:
         assert s.patience is not None
         best = math.inf
@@ -753,6 +761,8 @@ class VAE:
                 if since_best >= s.patience:
                     stopped = model.epoch
                     break
+            if on_epoch_end is not None and on_epoch_end(self):
+                break
         if best_weights is not None and best_epoch != model.epoch:
             model.set_weights(best_weights)
         self.best_epoch_ = best_epoch
@@ -949,7 +959,7 @@ class VAE:
         with self._lock:
             return dict(self._fitted().weights())
 
-    def set_weights(self, weights: dict[str, ArrayLike]) -> VAE:
+    def set_weights(self, weights: Mapping[str, ArrayLike]) -> VAE:
         """Replace every weight from a dict shaped as ``weights()``; all or nothing.
 
         On an unfitted VAE this builds the model; with ``input_dim=None`` its input width is

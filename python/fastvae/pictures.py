@@ -217,7 +217,8 @@ def feature_errors(
     b = np.asarray(vae.reconstruct(x), dtype=np.float64)
     scale = np.ones(d) if std is None else np.asarray(std, dtype=np.float64)
     if mean is not None:
-        a, b = a * scale + mean, b * scale + mean
+        offset = np.asarray(mean, dtype=np.float64)
+        a, b = a * scale + offset, b * scale + offset
     mse = ((a - b) ** 2).mean(axis=0)
     var = a.var(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):

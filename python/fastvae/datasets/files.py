@@ -491,8 +491,8 @@ def _read_image(f: Path, size: int) -> NDArray[np.uint8]:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(f) as img:
-            img = ImageOps.exif_transpose(img)  # photos as their camera meant them
+        with Image.open(f) as opened:
+            img: Image.Image = ImageOps.exif_transpose(opened)  # as the camera meant them
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 # 16-bit and float grayscale: to 8 bits by the type's range, not by clipping.
                 top = 1.0 if img.mode == "F" else 65535.0
