@@ -175,7 +175,8 @@ fn meta_num<T: std::str::FromStr>(meta: &HashMap<String, String>, key: &str) -> 
         .map_err(|_| bad(format!("metadata {key:?} is {s:?}, not a valid number")))
 }
 
-fn read_tensor(st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+/// The tensor `name`, checked to be float32 of `shape`.
+fn tensor_view<'a>(st: &'a SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<TensorView<'a>> {
     let view = st
         .tensor(name)
         .map_err(|_| bad(format!("the file has no tensor {name:?}")))?;
@@ -191,6 +192,11 @@ fn read_tensor(st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<
             view.shape()
         )));
     }
+    Ok(view)
+}
+
+fn read_tensor(st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let view = tensor_view(st, name, shape)?;
     let values: Vec<f32> = view
         .data()
         .chunks_exact(4)
@@ -284,6 +290,15 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
             "the file has {} tensors; its configuration needs {expected}",
             names.len()
         )));
+    }
+    // Every name and shape first: a small file whose metadata describes a huge model is
+    // refused before anything of the model's size is allocated.
+    for t in &specs {
+        tensor_view(&st, &t.name, &t.shape)?;
+        if has_optimizer {
+            tensor_view(&st, &format!("adam.m.{}", t.name), &t.shape)?;
+            tensor_view(&st, &format!("adam.v.{}", t.name), &t.shape)?;
+        }
     }
     let mut params = vec![0.0f32; layout.len];
     let mut adam = has_optimizer.then(|| AdamState::new(layout.len));

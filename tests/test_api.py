@@ -50,6 +50,7 @@ def test_init_stores_settings_only() -> None:
         "patience": None,
         "validation_fraction": 0.1,
         "binarize": None,
+        "progress": True,
         "seed": 4,
         "threads": 1,
     }

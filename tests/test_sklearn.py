@@ -80,6 +80,7 @@ def test_every_training_setting_is_a_parameter() -> None:
         "patience",
         "validation_fraction",
         "binarize",
+        "progress",
         "seed",
         "threads",
     ]
@@ -355,7 +356,9 @@ EXPECTED_FAILED_CHECKS = {
 
 
 def _small_gaussian() -> VAE:
-    return VAE(likelihood="gaussian", hidden_dims=(8,), latent_dim=2, epochs=2, threads=1)
+    return VAE(
+        likelihood="gaussian", hidden_dims=(8,), latent_dim=2, epochs=2, threads=1, progress=False
+    )
 
 
 @not_base_estimator

@@ -44,6 +44,7 @@ _TRAINING = (
     "patience",
     "validation_fraction",
     "binarize",
+    "progress",
 )
 # Every constructor parameter, in the constructor's order.
 _PARAM_NAMES = (*_ARCHITECTURE, *_TRAINING, "seed", "threads")
@@ -201,6 +202,7 @@ class _Training(NamedTuple):
     patience: int | None
     validation_fraction: float
     binarize: str | None
+    progress: bool
 
 
 def _kl_weight(beta: float, kl_warmup: int, epoch: int) -> float:
@@ -259,6 +261,8 @@ class VAE:
         "dynamic" trains on a fresh Bernoulli draw of every image each time it is used
         (binarized MNIST, as papers report); x then holds the pixel probabilities. Bernoulli
         likelihood only.
+    progress : bool
+        Show a progress bar while training (False for searches over many models).
     seed : int
         Seeds the initial weights, the shuffling and the noise: the same seed and thread count
         give bit-identical weights after ``fit``.
@@ -309,6 +313,7 @@ class VAE:
         patience: int | None = None,
         validation_fraction: float = 0.1,
         binarize: str | None = None,
+        progress: bool = True,
         seed: int = 0,
         threads: int | None = None,
     ) -> None:
@@ -325,6 +330,7 @@ class VAE:
         self.patience = patience
         self.validation_fraction = validation_fraction
         self.binarize = binarize
+        self.progress = progress
         self.seed = seed
         self.threads = threads
         # One call at a time per model: a second thread waits rather than racing the core.
@@ -522,7 +528,12 @@ class VAE:
         binarize = v["binarize"]
         if binarize not in (None, "dynamic"):
             raise ConfigError(f"binarize must be None or 'dynamic', got {binarize!r}")
-        return _Training(epochs, batch_size, lr, beta, kl_warmup, patience, fraction, binarize)
+        progress = v["progress"]
+        if not isinstance(progress, bool | np.bool_):
+            raise ConfigError(f"progress must be True or False, got {progress!r}")
+        return _Training(
+            epochs, batch_size, lr, beta, kl_warmup, patience, fraction, binarize, bool(progress)
+        )
 
     def _adopt(self, model: _core.Model, history: dict[str, list[Any]] | None = None) -> None:
         """Make `model` this VAE's fitted state, with `history` (by default an empty one)."""
@@ -607,7 +618,7 @@ class VAE:
         patience: int | None = None,
         binarize: str | None = None,
         validation_data: Any = None,
-        progress: bool = True,
+        progress: bool | None = None,
         on_epoch_end: Callable[[VAE], bool | None] | None = None,
     ) -> VAE:
         """Train for ``epochs`` more epochs, continuing from the current weights and Adam state.
@@ -629,8 +640,9 @@ class VAE:
             Evaluated after every epoch; its mean negative ELBO goes to
             ``history_["val_loss"]``, and early stopping watches it. Without it, early stopping
             holds out ``validation_fraction`` of x's rows.
-        progress : bool
-            Show a progress bar with the running loss and samples/s.
+        progress : bool or None
+            Show a progress bar with the running loss and samples/s (None: the constructor's
+            ``progress``).
         on_epoch_end : callable or None
             Called with the model after every epoch, once ``history_`` records it (to save a
             checkpoint, say); returning True stops training there. The data are converted
@@ -664,6 +676,7 @@ class VAE:
                 "kl_warmup": kl_warmup,
                 "patience": patience,
                 "binarize": binarize,
+                "progress": progress,
             }
         )
         arch = self._architecture()
@@ -708,12 +721,12 @@ class VAE:
                 for name in ("best_epoch_", "stopped_epoch_"):
                     self.__dict__.pop(name, None)
                 for _ in range(s.epochs):
-                    self._fit_epoch(model, data, val, s, progress)
+                    self._fit_epoch(model, data, val, s, s.progress)
                     if on_epoch_end is not None and on_epoch_end(self):
                         break
             else:
                 assert val is not None
-                self._fit_early_stopping(model, data, val, s, progress, on_epoch_end)
+                self._fit_early_stopping(model, data, val, s, s.progress, on_epoch_end)
         return self
 
     @staticmethod
