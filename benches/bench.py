@@ -13,6 +13,7 @@ peers run in benches/.venv-peers (create it once with ``benches/setup_peers.sh``
     python benches/bench.py --grid --quick   # the same sweep on the first 10000 images
     python benches/bench.py --loaded         # one core kept busy by another process
     FASTVAE_ISA=avx2 python benches/bench.py # fastvae's AVX2 kernels on an AVX-512 CPU
+    python benches/bench.py --max-isa avx2   # every system held to AVX2 (an AVX2-only CPU)
     python benches/bench.py --systems fastvae,pytorch --threads 1 --no-gemm-peak
 
 The numbers only mean something on an otherwise idle machine.  The script checks: it samples
@@ -326,6 +327,29 @@ def system_command(
     return [str(peer_python), str(BENCHES / script), *common, *extra]
 
 
+# What holds each system to AVX2+FMA on a CPU that has more (--max-isa avx2), so that one
+# machine measures what CPUs without AVX-512 give: fastvae's dispatch (its gemm crate follows
+# the build: without the avx512 feature it has AVX2 kernels only), XLA's code generation,
+# and PyTorch's kernels, oneDNN and MKL (its sgemm).
+MAX_ISA_ENV = {
+    "avx2": {
+        "FASTVAE_ISA": "avx2",
+        "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    }
+}
+
+
+def apply_max_isa(isa: str) -> None:
+    """Hold every child process to `isa` through its environment (XLA_FLAGS appended to)."""
+    for var, value in MAX_ISA_ENV[isa].items():
+        if var == "XLA_FLAGS" and os.environ.get(var):
+            value = f"{os.environ[var]} {value}"
+        os.environ[var] = value
+
+
 def start_hog() -> subprocess.Popen[str]:
     """Another process that keeps one core busy (--loaded): what a browser, a notebook or a
     second job does to a training run on a shared machine."""
@@ -620,6 +644,8 @@ def print_table(
     print()
     print(f"== {title}: {cfg.describe()} | {n_train} training images x {epochs} epochs")
     print(f"   CPU: {settings.get('cpu_model') or 'unknown'}; fastvae path: {settings.get('isa')}")
+    if settings.get("max_isa"):
+        print(f"   MAX ISA: every system held to {settings['max_isa'].upper()} (--max-isa)")
     if settings.get("loaded"):
         print("   LOADED: one core kept busy by another process during every run")
     if settings.get("quick"):
@@ -914,6 +940,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Python loop started before and stopped after each run): the shared-machine case",
     )
     add(
+        "--max-isa",
+        choices=sorted(MAX_ISA_ENV),
+        default=None,
+        help="hold every system to this instruction set (fastvae, XLA, PyTorch, oneDNN and "
+        "MKL), to measure on an AVX-512 machine what an AVX2-only CPU gives; for fastvae's "
+        "gemm too, install fastvae built without its avx512 feature",
+    )
+    add(
         "--out",
         default=str(DEFAULT_OUT),
         help="directory for the result files (default: benches/results)",
@@ -968,6 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
         args.limit = args.limit or 0
         return worker_fastvae(args)
 
+    if args.max_isa:
+        apply_max_isa(args.max_isa)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
@@ -1028,6 +1064,13 @@ def main(argv: list[str] | None = None) -> int:
         pass
     paths = fastvae_paths() if "fastvae" in systems else None
     settings["cpu_model"], settings["isa"] = cpu_model, isa_label(paths)
+    settings["max_isa"] = args.max_isa
+    if args.max_isa and paths and paths.get("gemm") not in (None, args.max_isa):
+        print(
+            f"NOTE: --max-isa {args.max_isa}, but fastvae's gemm takes {paths.get('gemm')}: "
+            "build it without the avx512 feature to hold it too",
+            flush=True,
+        )
     doc: dict[str, Any] = {
         "kind": kind,
         "started": datetime.now().isoformat(timespec="seconds"),
