@@ -83,7 +83,7 @@ def parse_hidden(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="directory with the four MNIST IDX .gz files")
+    p.add_argument("--data", default=None, help="directory with the four MNIST IDX .gz files")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
@@ -100,7 +100,34 @@ def parse_args(argv=None):
     p.add_argument(
         "--limit", type=int, default=0, help="use only the first N training images (0 = all)"
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--npz",
+        default=None,
+        help="train on x_train and score x_test of this .npz instead of MNIST (--data unused)",
+    )
+    p.add_argument(
+        "--likelihood",
+        choices=["bernoulli", "gaussian"],
+        default="bernoulli",
+        help="p(x|z): Bernoulli logits, or Gaussian means with a learned log-variance per "
+        "feature kept in [-10, 10] (as fastvae's)",
+    )
+    p.add_argument(
+        "--eval-k",
+        type=int,
+        default=0,
+        help="also report the importance-weighted log-likelihood of the test set with k samples",
+    )
+    p.add_argument(
+        "--eval-draws",
+        type=int,
+        default=1,
+        help="average the one-sample test loss over this many noise draws",
+    )
+    args = p.parse_args(argv)
+    if args.npz is None and args.data is None:
+        p.error("--data or --npz is required")
+    return args
 
 
 def log(msg):
@@ -126,10 +153,21 @@ def main(argv=None):
             log("warning: flush-denormal not supported on this CPU")
     torch.manual_seed(args.seed)
 
+    if args.npz:
+        arrays = np.load(args.npz)
+        train_np = arrays["x_train"].astype(np.float32)
+        test_np = arrays["x_test"].astype(np.float32)
+    else:
+        train_np = load_images(args.data, "train")
+        test_np = load_images(args.data, "t10k")
+    d = train_np.shape[1]
+    gaussian = args.likelihood == "gaussian"
+    half_log_2pi = 0.5 * float(np.log(2 * np.pi))
+
     class VAE(nn.Module):
         def __init__(self, hidden, latent):
             super().__init__()
-            enc, d_in = [], 784
+            enc, d_in = [], d
             for h in hidden:
                 enc += [nn.Linear(d_in, h), nn.ReLU()]
                 d_in = h
@@ -140,8 +178,10 @@ def main(argv=None):
             for h in reversed(hidden):
                 dec += [nn.Linear(d_in, h), nn.ReLU()]
                 d_in = h
-            dec.append(nn.Linear(d_in, 784))
+            dec.append(nn.Linear(d_in, d))
             self.decoder = nn.Sequential(*dec)
+            # Gaussian p(x|z): one learned log-variance per feature.
+            self.out_logvar = nn.Parameter(torch.zeros(d)) if gaussian else None
 
         def forward(self, x):
             h = self.encoder(x)
@@ -150,13 +190,38 @@ def main(argv=None):
             z = mu + std * torch.randn_like(std)
             return self.decoder(z), mu, logvar
 
-    def loss_function(logits, x, mu, logvar):
-        bce = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-        return bce + kld
+    def nll_rows(out, x):
+        """-log p(x|z) per row."""
+        if gaussian:
+            lv = model.out_logvar
+            return (half_log_2pi + 0.5 * lv + 0.5 * (x - out) ** 2 * torch.exp(-lv)).sum(1)
+        return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1)
 
-    train_np = load_images(args.data, "train")
-    test_np = load_images(args.data, "t10k")
+    def loss_function(logits, x, mu, logvar):
+        if gaussian:
+            rec = nll_rows(logits, x).sum()
+        else:
+            rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return rec + kld
+
+    def log_likelihood(x, k):
+        """Importance-weighted log p(x) per row with k samples (Burda et al.)."""
+        h = model.encoder(x)
+        mu, logvar = model.fc_mu(h), model.fc_logvar(h)
+        std = torch.exp(0.5 * logvar)
+        out = []
+        for i in range(x.shape[0]):
+            eps = torch.randn(k, mu.shape[1], dtype=torch.float64)
+            z = (mu[i].double() + std[i].double() * eps).float()
+            xi = x[i].expand(k, -1)
+            log_px_z = -nll_rows(model.decoder(z), xi).double()
+            log_pz = -0.5 * (z.double() ** 2).sum(1)
+            log_qz = -0.5 * (eps**2).sum(1) - 0.5 * logvar[i].double().sum()
+            w = log_px_z + log_pz - log_qz
+            out.append(torch.logsumexp(w, 0) - np.log(k))
+        return torch.stack(out)
+
     if args.limit and args.limit > 0:
         train_np = train_np[: args.limit]
     train_x = torch.from_numpy(np.ascontiguousarray(train_np))
@@ -186,6 +251,9 @@ def main(argv=None):
             loss.backward()
             total += loss.item()
             optimizer.step()
+            if gaussian:
+                with torch.no_grad():
+                    model.out_logvar.clamp_(-10.0, 10.0)
         secs = time.perf_counter() - t0
         emit(
             {
@@ -200,18 +268,24 @@ def main(argv=None):
     # Test loss as pytorch/examples/vae: a sampled z, BCE sum + KL, per example.
     model.eval()
     test_total = 0.0
+    extra = {}
     with torch.no_grad():
-        for start in range(0, test_x.shape[0], 1000):
-            x = test_x[start : start + 1000]
-            logits, mu, logvar = model(x)
-            test_total += loss_function(logits, x, mu, logvar).item()
+        for _ in range(args.eval_draws):
+            for start in range(0, test_x.shape[0], 1000):
+                x = test_x[start : start + 1000]
+                logits, mu, logvar = model(x)
+                test_total += loss_function(logits, x, mu, logvar).item()
+        if args.eval_k:
+            extra["test_log_likelihood"] = float(log_likelihood(test_x, args.eval_k).mean())
+            extra["eval_k"] = args.eval_k
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     emit(
         {
             "system": SYSTEM,
             "final": True,
-            "test_loss": test_total / test_x.shape[0],
+            "test_loss": test_total / (test_x.shape[0] * args.eval_draws),
             "peak_rss_mb": peak,
+            **extra,
         }
     )
 
