@@ -319,7 +319,7 @@ pub const HALF_LN_2PI: f64 = 0.918_938_533_204_672_8;
 /// Gaussian negative log-likelihood of targets x under means m (B, D) and per-feature
 /// log-variances lv (D), summed per row: sum_j 0.5 log(2 pi) + lv_j / 2 + (x - m)^2 / (2 exp(lv_j)).
 /// With `grad`, overwrites the means with dL/dm = (m - x) exp(-lv). Writes each row's sum
-/// into `row_loss` (B), summed in f64 (the squared errors of unscaled data can be large).
+/// into `row_loss` (B).
 pub fn gaussian_nll_forward_backward(
     row_loss: &mut [f64],
     means: &mut [f32],
@@ -338,18 +338,52 @@ pub fn gaussian_nll_forward_backward(
         .zip(x[..b * d].par_chunks(chunk * d))
         .for_each(|((rows, losses), xs)| {
             for ((row, loss), xr) in rows.chunks_exact_mut(d).zip(losses).zip(xs.chunks_exact(d)) {
-                let mut acc = 0.0f64;
-                for ((m, &t), &iv) in row.iter_mut().zip(xr).zip(&inv_var) {
-                    let diff = *m - t;
-                    acc += (diff * diff * iv) as f64;
-                    if grad {
-                        *m = diff * iv;
-                    }
-                }
-                *loss = constant + 0.5 * acc;
+                let squares = if grad {
+                    gaussian_row_grad(row, xr, &inv_var)
+                } else {
+                    gaussian_row(row, xr, &inv_var)
+                };
+                *loss = constant + 0.5 * squares as f64;
             }
         });
 }
+
+/// One row's sum of (m - x)^2 exp(-lv); with GRAD, the means become (m - x) exp(-lv). Partial
+/// sums run in `LANES` fixed lanes so the compiler can vectorize them.
+#[inline(always)]
+fn gaussian_row_generic<const GRAD: bool>(row: &mut [f32], x: &[f32], inv_var: &[f32]) -> f32 {
+    #[inline(always)]
+    fn one<const GRAD: bool>(m: &mut f32, t: f32, iv: f32) -> f32 {
+        let diff = *m - t;
+        let scaled = diff * iv;
+        if GRAD {
+            *m = scaled;
+        }
+        diff * scaled
+    }
+    let mut acc = [0.0f32; LANES];
+    let mut rows = row.chunks_exact_mut(LANES);
+    let mut xs = x.chunks_exact(LANES);
+    let mut ivs = inv_var.chunks_exact(LANES);
+    for ((mc, xc), ic) in (&mut rows).zip(&mut xs).zip(&mut ivs) {
+        for k in 0..LANES {
+            acc[k] += one::<GRAD>(&mut mc[k], xc[k], ic[k]);
+        }
+    }
+    let mut tail = 0.0f32;
+    for ((m, &t), &iv) in rows
+        .into_remainder()
+        .iter_mut()
+        .zip(xs.remainder())
+        .zip(ivs.remainder())
+    {
+        tail += one::<GRAD>(m, t, iv);
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+dispatch!(fn gaussian_row_grad(row: &mut [f32], x: &[f32], inv_var: &[f32]) -> f32 = gaussian_row_generic::<true>);
+dispatch!(fn gaussian_row(row: &mut [f32], x: &[f32], inv_var: &[f32]) -> f32 = gaussian_row_generic::<false>);
 
 /// dlv (D) = d/dlv of the Gaussian NLL summed over the batch, from dm (B, D) =
 /// (m - x) exp(-lv) as `gaussian_nll_forward_backward` left it: sum over rows of
@@ -363,12 +397,45 @@ pub fn gaussian_logvar_backward(dlv: &mut [f32], dm: &[f32], logvar: &[f32], b: 
         let lo = c * block;
         out.fill(0.0);
         for row in dm[..b * d].chunks_exact(d) {
-            for ((o, &g), &v) in out.iter_mut().zip(&row[lo..]).zip(&var[lo..]) {
-                *o += 0.5 * (1.0 - g * g * v);
-            }
+            logvar_grad_row(out, &row[lo..lo + out.len()], &var[lo..lo + out.len()]);
         }
     });
 }
+
+#[inline(always)]
+fn logvar_grad_row_generic(out: &mut [f32], dm: &[f32], var: &[f32]) {
+    for ((o, &g), &v) in out.iter_mut().zip(dm).zip(var) {
+        *o += 0.5 * (1.0 - g * g * v);
+    }
+}
+
+dispatch!(fn logvar_grad_row(out: &mut [f32], dm: &[f32], var: &[f32]) -> () = logvar_grad_row_generic);
+
+/// The largest |v|, vectorized (NaN values are passed over: callers check finiteness apart).
+pub fn max_abs(values: &[f32]) -> f32 {
+    values
+        .par_chunks(1 << 14)
+        .map(max_abs_chunk)
+        .reduce(|| 0.0, f32::max)
+}
+
+#[inline(always)]
+fn max_abs_generic(values: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for c in &mut chunks {
+        for k in 0..LANES {
+            acc[k] = acc[k].max(c[k].abs());
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()));
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+dispatch!(fn max_abs_chunk(values: &[f32]) -> f32 = max_abs_generic);
 
 #[cfg(test)]
 pub(crate) mod tests {

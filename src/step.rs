@@ -5,7 +5,7 @@
 use crate::config::{LOGVAR_MAX, LOGVAR_MIN};
 use crate::error::{Result, VaeError};
 use crate::first_layer::{sparse_weight_backward, GradSink};
-use crate::layers::for_rows;
+use crate::layers::{for_rows, max_abs};
 use crate::model::{FirstWeight, Vae, Workspace};
 use crate::optim::{adam_update, all_finite, all_within, AdamConfig, AdamKernel, AdamState};
 use crate::rng::{binarize as binarize_row, fill_normal, stream, Purpose};
@@ -137,7 +137,8 @@ fn gradients_finite(vae: &Vae, grads: &[f32], ws: &Workspace, n: usize) -> bool 
             (max_abs(dl), max_abs(&ws.x[..n * d]))
         }
     };
-    // NaN fails every comparison, so a NaN scale fails the check too.
+    // The loss is finite, so every dl is; x was checked finite when it arrived. An infinite
+    // scale (or NaN, which fails every comparison) fails the check.
     if !(out_scale < f32::MAX && in_scale < f32::MAX) {
         return false;
     }
@@ -161,17 +162,6 @@ fn gradients_finite(vae: &Vae, grads: &[f32], ws: &Workspace, n: usize) -> bool 
         from = r.end.max(from);
     }
     all_within(out_inp, limit / out_scale.max(1.0)) && all_finite(&grads[from..])
-}
-
-/// The largest |v| (NaN if any value is NaN).
-fn max_abs(values: &[f32]) -> f32 {
-    values.iter().fold(0.0f32, |m, &v| {
-        if v.is_nan() || m.is_nan() {
-            f32::NAN
-        } else {
-            m.max(v.abs())
-        }
-    })
 }
 
 /// Adam on every parameter from `from` on (past the first layer's weight when that was
