@@ -302,6 +302,11 @@ def _no_images(folder: Path) -> Path:
     return folder / "docs"
 
 
+def _empty_folder(folder: Path) -> Path:
+    (folder / "photos").mkdir()
+    return folder / "photos"
+
+
 def _out_of_range(folder: Path) -> Path:
     np.save(folder / "big.npy", np.array([[0.5, 0.2], [0.1, 3.0]]))
     return folder / "big.npy"
@@ -318,6 +323,7 @@ def _out_of_range(folder: Path) -> Path:
         (_file("ragged.csv", b"1,2\n3\n"), [], "ragged.csv, line 2: 1 cells, expected 2"),
         (_corrupt_image, [], "broken.png: not a readable image"),
         (_no_images, [], "docs: no images found"),
+        (_empty_folder, [], "photos: no images found"),
         (_file("d.parquet", b"x"), [], "d.parquet: unknown kind of data file"),
         (_file("d.npy", b"not numpy"), [], "d.npy: not a readable NumPy file"),
         (_out_of_range, ["--likelihood", "bernoulli"], "is 3 (the values range from 0.1 to 3); "),

@@ -480,8 +480,9 @@ class _Data:
 
 
 def _is_mnist(path: str | None) -> bool:
-    """Whether --data names MNIST: no path (the default folder), a folder holding any of its
-    files, or an empty folder (to download into, as ever); anything else is own data."""
+    """Whether --data names MNIST: no path (the default folder, downloaded into when files are
+    missing) or a folder holding any of its files; anything else, an empty folder included, is
+    own data (whose reader says what is missing)."""
     if path is None:
         return True
     p = Path(path).expanduser()
@@ -489,9 +490,7 @@ def _is_mnist(path: str | None) -> bool:
         raise DataError(f"{path}: no such file or folder")
     if not p.is_dir():
         return False
-    if any((p / n).is_file() or (p / f"{n}.gz").is_file() for n in _MNIST_NAMES):
-        return True
-    return not any(not e.name.startswith(".") for e in os.scandir(p))
+    return any((p / n).is_file() or (p / f"{n}.gz").is_file() for n in _MNIST_NAMES)
 
 
 def _mnist(split: str, root: str | None) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
