@@ -87,3 +87,13 @@ def test_errors_on_real_data() -> None:
     # Unscaled wine (proline is in the hundreds) is outside [0, 1]: a Bernoulli model says so.
     with pytest.raises(InputError, match="outside \\[0, 1\\].*gaussian"):
         VAE(hidden_dims=(8,), latent_dim=2, epochs=1, progress=False).fit(load_wine().data)
+
+
+def test_divergence_on_unscaled_features_says_to_standardize() -> None:
+    x = np.random.default_rng(0).normal(size=(500, 4)) * 1e6
+    vae = VAE(likelihood="gaussian", hidden_dims=(8,), latent_dim=2, epochs=2, progress=False)
+    with pytest.raises(FloatingPointError, match="values up to .* standardize the features"):
+        vae.fit(x)
+    # Standardized, the same data train.
+    vae = VAE(likelihood="gaussian", hidden_dims=(8,), latent_dim=2, epochs=2, progress=False)
+    assert np.isfinite(vae.fit(StandardScaler().fit_transform(x)).history_["train_loss"]).all()

@@ -205,6 +205,26 @@ class _Training(NamedTuple):
     progress: bool
 
 
+# Inputs beyond this magnitude are far from the unit scale the initial weights and the
+# log-variance bounds suit; when training diverges on them, the error says so.
+_LARGE_INPUT = 100.0
+
+
+def _scale_hint(arr: NDArray[np.floating]) -> str:
+    """A hint for a diverged fit on `arr`, or "" when its scale is not the likely cause."""
+    if isinstance(arr, np.memmap):
+        return ""
+    with np.errstate(invalid="ignore"):
+        top = float(np.max(np.abs(arr)))
+    if not top > _LARGE_INPUT:
+        return ""
+    return (
+        f". x holds values up to {top:.3g} in magnitude: standardize the features first "
+        "(e.g. scikit-learn's StandardScaler in a Pipeline), so that the encoder's activations "
+        "and the learned variances of p(x|z) stay in range"
+    )
+
+
 def _kl_weight(beta: float, kl_warmup: int, epoch: int) -> float:
     """The KL weight of training epoch `epoch` (1-based, counting every epoch the model has
     trained): beta, reached linearly over the first kl_warmup epochs."""
@@ -717,16 +737,19 @@ class VAE:
                 "kl_warmup": s.kl_warmup,
                 "patience": s.patience,
             }
-            if s.patience is None:
-                for name in ("best_epoch_", "stopped_epoch_"):
-                    self.__dict__.pop(name, None)
-                for _ in range(s.epochs):
-                    self._fit_epoch(model, data, val, s, s.progress)
-                    if on_epoch_end is not None and on_epoch_end(self):
-                        break
-            else:
-                assert val is not None
-                self._fit_early_stopping(model, data, val, s, s.progress, on_epoch_end)
+            try:
+                if s.patience is None:
+                    for name in ("best_epoch_", "stopped_epoch_"):
+                        self.__dict__.pop(name, None)
+                    for _ in range(s.epochs):
+                        self._fit_epoch(model, data, val, s, s.progress)
+                        if on_epoch_end is not None and on_epoch_end(self):
+                            break
+                else:
+                    assert val is not None
+                    self._fit_early_stopping(model, data, val, s, s.progress, on_epoch_end)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e}{_scale_hint(arr)}") from None
         return self
 
     @staticmethod
