@@ -560,3 +560,30 @@ def test_sample_means_and_draws(unit: np.ndarray, real: np.ndarray) -> None:
     np.testing.assert_allclose((draws - means).mean(axis=0), 0, atol=0.1 * sd.max())
     with pytest.raises(ConfigError, match="draw"):
         gauss.sample(3, draw="yes")  # type: ignore[arg-type]
+
+
+def test_feature_names_of_a_dataframe(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    x = np.random.default_rng(0).normal(size=(120, 3))
+    df = pd.DataFrame(x, columns=["height", "weight", "age"])
+    vae = VAE(likelihood="gaussian", hidden_dims=(4,), latent_dim=2, epochs=1, progress=False)
+    vae.fit(df)
+    assert list(vae.feature_names_in_) == ["height", "weight", "age"]
+    assert list(vae.get_feature_names_out()) == ["vae0", "vae1"]
+    np.testing.assert_array_equal(vae.transform(df), vae.transform(x.astype(np.float32)))
+    # Kept through pickling and model files.
+    assert list(pickle.loads(pickle.dumps(vae)).feature_names_in_) == list(df.columns)
+    vae.save(tmp_path / "m.safetensors")
+    assert list(VAE.load(tmp_path / "m.safetensors").feature_names_in_) == list(df.columns)
+    # Other names, or the same in another order, are refused; names on one side only warn.
+    with pytest.raises(InputError, match="feature names should match"):
+        vae.transform(df[["weight", "height", "age"]])
+    with pytest.raises(InputError, match="unseen at fit time: \\['bmi'\\]"):
+        vae.score(df.rename(columns={"age": "bmi"}))
+    with pytest.warns(UserWarning, match="does not have valid feature names"):
+        vae.transform(x)
+    plain = VAE(likelihood="gaussian", hidden_dims=(4,), latent_dim=2, epochs=1, progress=False)
+    plain.fit(x)
+    assert not hasattr(plain, "feature_names_in_")
+    with pytest.warns(UserWarning, match="fitted without feature names"):
+        plain.transform(df)

@@ -14,7 +14,14 @@ from typing import Any
 
 from .errors import CheckpointError
 
-__all__ = ["HISTORY_KEYS", "empty_history", "from_metadata", "to_metadata"]
+__all__ = [
+    "HISTORY_KEYS",
+    "empty_history",
+    "feature_names_from_metadata",
+    "feature_names_to_metadata",
+    "from_metadata",
+    "to_metadata",
+]
 
 # Per-epoch records of `VAE.history_`, in this order.
 HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "samples_per_sec", "seconds", "beta")
@@ -156,3 +163,19 @@ def _early_stopping(raw: str | None) -> dict[str, int | None] | None:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def feature_names_to_metadata(names: list[str] | None) -> dict[str, str]:
+    """The metadata entry recording the input's column names (``feature_names_in_``), if any."""
+    return {} if names is None else {"feature_names": json.dumps(list(names))}
+
+
+def feature_names_from_metadata(extra: Mapping[str, str]) -> list[str] | None:
+    """The column names ``feature_names_to_metadata`` recorded, checked; None if there are none."""
+    raw = extra.get("feature_names")
+    if raw is None:
+        return None
+    names = _json(raw, "feature names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError("the file's feature names are not a list of strings")
+    return names

@@ -18,6 +18,7 @@ import numbers
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -25,7 +26,13 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from .checkpoint import empty_history, from_metadata, to_metadata
+from .checkpoint import (
+    empty_history,
+    feature_names_from_metadata,
+    feature_names_to_metadata,
+    from_metadata,
+    to_metadata,
+)
 from .errors import CheckpointError, ConfigError, InputError
 
 __all__ = ["VAE"]
@@ -111,6 +118,19 @@ def _same(a: Any, b: Any) -> bool:
         return isinstance(a, bool) == isinstance(b, bool) and bool(a == b)
     except (TypeError, ValueError):
         return False
+
+
+def _column_names(x: Any) -> list[str] | None:
+    """The column names of a table such as a pandas DataFrame, when they are all strings (as
+    scikit-learn records them in ``feature_names_in_``); else None."""
+    columns = getattr(x, "columns", None)
+    if columns is None or isinstance(x, np.ndarray):
+        return None
+    try:
+        names = list(columns)
+    except TypeError:
+        return None
+    return names if names and all(isinstance(n, str) for n in names) else None
 
 
 def _as_rows(
@@ -294,6 +314,10 @@ class VAE:
     ----------
     n_features_in_ : int
         Number of inputs per example the model was built for.
+    feature_names_in_ : ndarray of str
+        The column names of the data of the first ``fit``, when it had string column names
+        (a pandas DataFrame, say); later calls check theirs against them, as scikit-learn
+        does. Saved with the model.
     history_ : dict of lists
         Per epoch: ``epoch``, ``train_loss`` (the training objective, with the KL weight),
         ``val_loss`` (the negative ELBO of the validation data; None without any),
@@ -580,15 +604,79 @@ class VAE:
         if early is not None:
             self.best_epoch_: int | None = early["best_epoch"]
             self.stopped_epoch_: int | None = early["stopped_epoch"]
+        try:
+            names = feature_names_from_metadata(extra)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        if names is not None:
+            if len(names) != self.n_features_in_:
+                raise CheckpointError(
+                    f"{where}: {len(names)} feature names for {self.n_features_in_} inputs"
+                )
+            self.feature_names_in_ = np.asarray(names, dtype=object)
 
     def _metadata(self) -> dict[str, str]:
         """What the model's file (or pickle) records besides the core's own state."""
         early = None
         if hasattr(self, "best_epoch_"):
             early = {"best_epoch": self.best_epoch_, "stopped_epoch": self.stopped_epoch_}
-        return to_metadata(
-            getattr(self, "history_", empty_history()), getattr(self, "fit_params_", None), early
-        )
+        names = getattr(self, "feature_names_in_", None)
+        return {
+            **to_metadata(
+                getattr(self, "history_", empty_history()),
+                getattr(self, "fit_params_", None),
+                early,
+            ),
+            **feature_names_to_metadata(None if names is None else [str(n) for n in names]),
+        }
+
+    def _check_names(self, x: Any) -> None:
+        """scikit-learn's checks of x's column names against those fit saw: a different set
+        or order is an error; names on one side only, a warning."""
+        fitted = getattr(self, "feature_names_in_", None)
+        names = _column_names(x)
+        owner = type(self).__name__
+        if fitted is None and names is None:
+            return
+        if fitted is None:
+            warnings.warn(
+                f"X has feature names, but {owner} was fitted without feature names",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        if names is None:
+            warnings.warn(
+                f"X does not have valid feature names, but {owner} was fitted with feature names",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        if list(fitted) != names:
+            unseen = [n for n in names if n not in set(fitted)]
+            missing = [n for n in fitted if n not in set(names)]
+            detail = ""
+            if unseen:
+                detail += f"\nFeature names unseen at fit time: {unseen[:5]}"
+            if missing:
+                detail += f"\nFeature names seen at fit time, yet now missing: {missing[:5]}"
+            if not detail:
+                detail = "\nFeature names must be in the same order as they were in fit."
+            raise InputError(
+                f"The feature names should match those that were passed during fit.{detail}"
+            )
+
+    def get_feature_names_out(self, input_features: Any = None) -> NDArray[np.object_]:
+        """Names of ``transform``'s outputs, the latent means: ``vae0``, ``vae1``, ... (as
+        scikit-learn names a transformer's new features)."""
+        model = self._fitted()
+        if input_features is not None:
+            given = list(input_features)
+            fitted = getattr(self, "feature_names_in_", None)
+            if len(given) != model.config[0] or (fitted is not None and given != list(fitted)):
+                raise InputError("input_features is not equal to feature_names_in_")
+        prefix = type(self).__name__.lower()
+        return np.asarray([f"{prefix}{i}" for i in range(model.config[2])], dtype=object)
 
     def _fitted(self) -> _core.Model:
         if not hasattr(self, "model_"):
@@ -619,7 +707,8 @@ class VAE:
         return _dataset(arr, name, domain)
 
     def _rows(self, model: _core.Model, x: Any, name: str = "x") -> _core.Dataset | _MappedRows:
-        """x checked against the fitted `model`, for the core."""
+        """x checked against the fitted `model` (and its column names), for the core."""
+        self._check_names(x)
         arr = _as_rows(x, name, model.config[0], type(self).__name__)
         return self._core_rows(arr, name, model.likelihood)
 
@@ -710,7 +799,12 @@ class VAE:
         # The width: the model's once built, else input_dim, else the data's.
         width = arch.input_dim if model is None else model.config[0]
         owner = type(self).__name__
+        if model is not None:
+            self._check_names(x)
+        names = _column_names(x)
         arr = _as_rows(x, "x", width, owner)
+        if names is not None and len(names) != arr.shape[1]:
+            names = None
         val_arr = None
         if validation_data is not None:
             if isinstance(validation_data, tuple):
@@ -727,6 +821,8 @@ class VAE:
         with self._lock:
             if not hasattr(self, "model_"):
                 self._adopt(self._build(arch, arr.shape[1]))
+                if names is not None:
+                    self.feature_names_in_ = np.asarray(names, dtype=object)
             model = self.model_
             # Saved with the model, so a resumed run can continue as it was trained.
             self.fit_params_ = {
