@@ -243,3 +243,36 @@ def test_memory_mapped_bad_value_is_located_before_training(
     with pytest.raises(InputError, match=r"x\[17000, 4\] is NaN"):
         m.fit(mapped, epochs=1, progress=False)
     assert not hasattr(m, "model_")
+
+
+def test_active_units_count_latent_dimensions_whose_mean_varies() -> None:
+    # No hidden layers, so mu = x W_mu^T + b exactly: unit j's mean is c_j * x[:, 0], whose
+    # variance across the rows is c_j^2 * var(x[:, 0]).
+    c = np.array([0.0, 0.05, 0.2, 1.0])
+    rng = np.random.default_rng(0)
+    x = rng.random((4000, 3)).astype(np.float32)
+    vae = VAE(input_dim=3, hidden_dims=(), latent_dim=4, threads=1)
+    w = _zero_weights(3, 4)
+    w["fc_mu.weight"][:, 0] = c
+    vae.set_weights(w)
+    variances = c**2 * x[:, 0].astype(np.float64).var()  # 0, 0.0002, 0.0033, 0.083
+    for threshold in (0.01, 0.001, 1e-4, 0.0):
+        want = int(np.count_nonzero(variances > threshold))
+        assert vae.active_units(x, threshold=threshold) == want, threshold
+    assert vae.active_units(x) == 1  # the paper's threshold, 0.01
+    with pytest.raises(fastvae.ConfigError, match="threshold"):
+        vae.active_units(x, threshold=-1.0)
+    with pytest.raises(fastvae.InputError, match="at least 2 rows"):
+        vae.active_units(x[:1])
+
+
+def _zero_weights(d: int, z: int) -> dict[str, np.ndarray]:
+    """Weights of a model without hidden layers, all zero."""
+    return {
+        "fc_mu.weight": np.zeros((z, d), np.float32),
+        "fc_mu.bias": np.zeros(z, np.float32),
+        "fc_logvar.weight": np.zeros((z, d), np.float32),
+        "fc_logvar.bias": np.zeros(z, np.float32),
+        "decoder.0.weight": np.zeros((d, z), np.float32),
+        "decoder.0.bias": np.zeros(d, np.float32),
+    }

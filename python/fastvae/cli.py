@@ -1001,6 +1001,7 @@ def _eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     elbo, elbo_sem = _mean_and_stderr(vae.elbo(x, seed=args.seed))
     elbo_seconds = time.perf_counter() - t0
+    active = vae.active_units(x) if len(x) > 1 else None
     ll = ll_sem = ll_seconds = None
     if args.k > 0:
         t0 = time.perf_counter()
@@ -1026,6 +1027,8 @@ def _eval(args: argparse.Namespace) -> int:
             "log_likelihood_stderr": ll_sem,
             "elbo_seconds": elbo_seconds,
             "log_likelihood_seconds": ll_seconds,
+            "active_units": active,
+            "latent_dim": vae.latent_dim,
         }
         print(json.dumps(result))
         return 0
@@ -1051,6 +1054,11 @@ def _eval(args: argparse.Namespace) -> int:
         print(
             f"log p(x) >= {ll:.2f} nats per {noun} (+/- {ll_sem:.2f}), importance-weighted "
             f"with k={args.k}, seed {args.seed} ({ll_seconds:.1f} s)"
+        )
+    if active is not None:
+        print(
+            f"active    {active} of {vae.latent_dim} latent units (variance of the posterior "
+            "mean across the data above 0.01, as Burda et al. count them)"
         )
     return 0
 

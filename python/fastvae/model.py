@@ -1043,6 +1043,20 @@ class VAE:
             model = self._fitted()
             return self._elbo_rows(model, self._rows(model, x), seed)
 
+    def active_units(self, x: ArrayLike, threshold: float = 0.01) -> int:
+        """The number of active latent units (Burda, Grosse & Salakhutdinov, 2016, sec. 5.2):
+        dimensions u whose posterior mean E_q(u|x)[u] varies across the rows of x with a
+        variance above ``threshold`` (the paper's 0.01). A dimension the encoder ignores keeps
+        its mean at the prior's and carries no information about x."""
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise ConfigError(f"threshold must be a number, got {threshold!r}")
+        if not (math.isfinite(threshold) and threshold >= 0):
+            raise ConfigError(f"threshold must be finite and at least 0, got {threshold}")
+        mu = self.transform(x)
+        if mu.shape[0] < 2:
+            raise InputError("active_units needs at least 2 rows: it measures a variance")
+        return int(np.count_nonzero(mu.astype(np.float64).var(axis=0) > threshold))
+
     def log_likelihood(
         self, x: ArrayLike, k: int = 5000, seed: int | None = None, progress: bool = False
     ) -> NDArray[np.float64]:
