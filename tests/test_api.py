@@ -51,6 +51,7 @@ def test_init_stores_settings_only() -> None:
         "validation_fraction": 0.1,
         "binarize": None,
         "progress": True,
+        "lr_schedule": None,
         "seed": 4,
         "threads": 1,
     }

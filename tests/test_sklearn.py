@@ -81,6 +81,7 @@ def test_every_training_setting_is_a_parameter() -> None:
         "validation_fraction",
         "binarize",
         "progress",
+        "lr_schedule",
         "seed",
         "threads",
     ]
@@ -102,6 +103,7 @@ def test_constructor_settings_drive_fit_and_keywords_override_one_call(unit: np.
         "beta": 0.5,
         "kl_warmup": 0,
         "patience": None,
+        "lr_schedule": None,
     }
     vae.fit(unit, epochs=1, batch_size=60, beta=1.0, progress=False)
     assert vae.history_["epoch"] == [1, 2, 3] and vae.model_.step == 6 + 2

@@ -20,7 +20,7 @@ import fastvae
 from fastvae import VAE
 
 SMALL = {"input_dim": 20, "hidden_dims": (16,), "latent_dim": 4}
-HISTORY_KEYS = {"epoch", "train_loss", "val_loss", "samples_per_sec", "seconds", "beta"}
+HISTORY_KEYS = {"epoch", "train_loss", "val_loss", "samples_per_sec", "seconds", "beta", "lr"}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 __all__ = [
     "HISTORY_KEYS",
@@ -24,12 +24,17 @@ __all__ = [
 ]
 
 # Per-epoch records of `VAE.history_`, in this order.
-HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "samples_per_sec", "seconds", "beta")
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "samples_per_sec", "seconds", "beta", "lr")
 # Records added after files were first written, with the value an epoch of an older file had:
-# those epochs trained with KL weight 1.
-_ADDED_HISTORY_KEYS: dict[str, Any] = {"beta": 1.0}
+# those epochs trained with KL weight 1; their learning rate is in their training settings.
+_ADDED_HISTORY_KEYS: dict[str, Any] = {"beta": 1.0, "lr": None}
 # Training settings added since, likewise: the values older fits used.
-_ADDED_FIT_PARAMS: dict[str, Any] = {"beta": 1.0, "kl_warmup": 0, "patience": None}
+_ADDED_FIT_PARAMS: dict[str, Any] = {
+    "beta": 1.0,
+    "kl_warmup": 0,
+    "patience": None,
+    "lr_schedule": None,
+}
 
 
 def empty_history() -> dict[str, list[Any]]:
@@ -142,10 +147,11 @@ def _fit_params(raw: str | None) -> dict[str, Any] | None:
         and not isinstance(p.get("beta"), bool)
         and _is_int(p.get("kl_warmup"))
         and (p.get("patience") is None or _is_int(p.get("patience")))
+        and _schedule_ok(p.get("lr_schedule"))
     )
     if not ok:
         raise CheckpointError("the file's training settings have an unexpected layout")
-    keys = ("batch_size", "lr", "binarize", "beta", "kl_warmup", "patience")
+    keys = ("batch_size", "lr", "binarize", "beta", "kl_warmup", "patience", "lr_schedule")
     return {k: float(p[k]) if k == "beta" else p[k] for k in keys}
 
 
@@ -159,6 +165,15 @@ def _early_stopping(raw: str | None) -> dict[str, int | None] | None:
     if not ok or "best_epoch" not in e or "stopped_epoch" not in e:
         raise CheckpointError("the file's early stopping record has an unexpected layout")
     return {"best_epoch": e["best_epoch"], "stopped_epoch": e["stopped_epoch"]}
+
+
+def _schedule_ok(schedule: Any) -> bool:
+    from .schedule import check
+
+    try:
+        return check(schedule) == schedule
+    except ConfigError:
+        return False
 
 
 def _is_int(v: Any) -> bool:

@@ -86,6 +86,27 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _lr_schedule(text: str) -> dict[str, Any]:
+    """'burda' or a JSON learning-rate schedule, checked."""
+    from . import schedule
+
+    if text.strip() == "burda":
+        return schedule.burda()
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected 'burda' or a JSON schedule, got {text!r} ({e})"
+        ) from None
+    try:
+        checked = schedule.check(spec)
+    except FastVAEError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if checked is None:
+        raise argparse.ArgumentTypeError("expected a schedule, got null")
+    return checked
+
+
 def _non_negative_int(text: str) -> int:
     try:
         v = int(text)
@@ -282,6 +303,17 @@ def _parser() -> argparse.ArgumentParser:
         "or the resumed run's)",
     )
     t.add_argument(
+        "--lr-schedule",
+        type=_lr_schedule,
+        metavar="SPEC",
+        default=None,
+        help="learning rate per epoch: 'burda' (the IWAE paper's 3^i epochs at "
+        "1e-3 * 10^(-i/7), i = 0..7) or a JSON schedule such as "
+        '\'{"kind": "cosine", "epochs": 100}\' (kinds: stages, step, exponential, cosine; see '
+        "fastvae.schedule); counted over every epoch the model trains, so --resume continues it "
+        "(default: a constant --lr, or the resumed run's schedule)",
+    )
+    t.add_argument(
         "--patience",
         type=_positive(int),
         metavar="N",
@@ -433,8 +465,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _metrics_lines(history: dict[str, list[Any]]) -> str:
     keys = ["epoch", "train_loss", "val_loss", "samples_per_sec", "seconds"]
-    if "beta" in history:
-        keys.append("beta")
+    keys += [k for k in ("beta", "lr") if k in history]
     rows = []
     for i in range(len(history["epoch"])):
         rows.append(json.dumps({k: history[k][i] for k in keys}))
@@ -810,6 +841,7 @@ def _train(args: argparse.Namespace) -> int:
     # None: the model's default.
     beta = args.beta if args.beta is not None else saved.get("beta")
     kl_warmup = args.kl_warmup if args.kl_warmup is not None else saved.get("kl_warmup")
+    lr_schedule = args.lr_schedule if args.lr_schedule is not None else saved.get("lr_schedule")
     # Dynamic binarization is scored on one fixed Bernoulli draw of the test set.
     x_eval = data.x_val
     if dynamic and x_eval is not None:
@@ -874,6 +906,7 @@ def _train(args: argparse.Namespace) -> int:
             binarize="dynamic" if dynamic else None,
             beta=beta,
             kl_warmup=kl_warmup,
+            lr_schedule=lr_schedule,
             on_epoch_end=epoch_done,
         )
     if not hasattr(vae, "epochs_trained_"):

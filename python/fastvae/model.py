@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _core
+from . import _core, schedule
 from .checkpoint import (
     empty_history,
     feature_names_from_metadata,
@@ -52,6 +52,7 @@ _TRAINING = (
     "validation_fraction",
     "binarize",
     "progress",
+    "lr_schedule",
 )
 # Every constructor parameter, in the constructor's order.
 _PARAM_NAMES = (*_ARCHITECTURE, *_TRAINING, "seed", "threads")
@@ -223,6 +224,7 @@ class _Training(NamedTuple):
     validation_fraction: float
     binarize: str | None
     progress: bool
+    lr_schedule: dict[str, Any] | None
 
 
 # Inputs beyond this magnitude are far from the unit scale the initial weights and the
@@ -303,6 +305,11 @@ class VAE:
         likelihood only.
     progress : bool
         Show a progress bar while training (False for searches over many models).
+    lr_schedule : dict or None
+        The learning rate of each epoch, as data (``fastvae.schedule``): piecewise constant
+        ``stages``, ``step``, ``exponential`` or ``cosine`` decay from ``lr``, counted over
+        every epoch the model trains (across fits and resumes); saved with the model.
+        ``history_["lr"]`` records each epoch's rate. None keeps ``lr``.
     seed : int
         Seeds the initial weights, the shuffling and the noise: the same seed and thread count
         give bit-identical weights after ``fit``.
@@ -358,6 +365,7 @@ class VAE:
         validation_fraction: float = 0.1,
         binarize: str | None = None,
         progress: bool = True,
+        lr_schedule: dict[str, Any] | None = None,
         seed: int = 0,
         threads: int | None = None,
     ) -> None:
@@ -375,6 +383,7 @@ class VAE:
         self.validation_fraction = validation_fraction
         self.binarize = binarize
         self.progress = progress
+        self.lr_schedule = lr_schedule
         self.seed = seed
         self.threads = threads
         # One call at a time per model: a second thread waits rather than racing the core.
@@ -575,8 +584,18 @@ class VAE:
         progress = v["progress"]
         if not isinstance(progress, bool | np.bool_):
             raise ConfigError(f"progress must be True or False, got {progress!r}")
+        lr_schedule = schedule.check(v["lr_schedule"])
         return _Training(
-            epochs, batch_size, lr, beta, kl_warmup, patience, fraction, binarize, bool(progress)
+            epochs,
+            batch_size,
+            lr,
+            beta,
+            kl_warmup,
+            patience,
+            fraction,
+            binarize,
+            bool(progress),
+            lr_schedule,
         )
 
     def _adopt(self, model: _core.Model, history: dict[str, list[Any]] | None = None) -> None:
@@ -726,6 +745,7 @@ class VAE:
         kl_warmup: int | None = None,
         patience: int | None = None,
         binarize: str | None = None,
+        lr_schedule: dict[str, Any] | None = None,
         validation_data: Any = None,
         progress: bool | None = None,
         on_epoch_end: Callable[[VAE], bool | None] | None = None,
@@ -743,7 +763,7 @@ class VAE:
             Gaussian one. A ``numpy.memmap`` is read piece by piece (it may exceed memory).
         y : ignored
             Accepted so the VAE fits in a scikit-learn Pipeline.
-        epochs, batch_size, lr, beta, kl_warmup, patience, binarize
+        epochs, batch_size, lr, beta, kl_warmup, patience, binarize, lr_schedule
             As the constructor's parameters of the same names.
         validation_data : array of shape (m, input_dim), or a tuple whose first item is one
             Evaluated after every epoch; its mean negative ELBO goes to
@@ -786,6 +806,7 @@ class VAE:
                 "patience": patience,
                 "binarize": binarize,
                 "progress": progress,
+                "lr_schedule": lr_schedule,
             }
         )
         arch = self._architecture()
@@ -832,6 +853,7 @@ class VAE:
                 "beta": s.beta,
                 "kl_warmup": s.kl_warmup,
                 "patience": s.patience,
+                "lr_schedule": s.lr_schedule,
             }
             try:
                 if s.patience is None:
@@ -911,8 +933,9 @@ class VAE:
         """One epoch, recorded in history_; its validation loss (None without validation)."""
         epoch = model.epoch + 1
         weight = _kl_weight(s.beta, s.kl_warmup, epoch)
+        lr = schedule.lr_at(s.lr_schedule, s.lr, epoch)
         n = data.shape[0]
-        train_loss, seconds = self._train_epoch(model, data, s, weight, progress)
+        train_loss, seconds = self._train_epoch(model, data, s, lr, weight, progress)
         val_loss = None
         if val is not None:
             # The true ELBO (the core's elbo has KL weight 1), comparable across epochs.
@@ -924,6 +947,7 @@ class VAE:
         h["samples_per_sec"].append(n / seconds if seconds > 0 else float("inf"))
         h["seconds"].append(seconds)
         h["beta"].append(weight)
+        h["lr"].append(lr)
         return val_loss
 
     def _train_epoch(
@@ -931,6 +955,7 @@ class VAE:
         model: _core.Model,
         data: _core.Dataset | _MappedRows,
         s: _Training,
+        lr: float,
         beta: float,
         progress: bool,
     ) -> tuple[float, float]:
@@ -939,7 +964,7 @@ class VAE:
         from .progress import progress_bar
 
         source = data.arr if isinstance(data, _MappedRows) else data
-        run = model.begin_epoch(source, s.batch_size, s.lr, s.binarize == "dynamic", beta=beta)
+        run = model.begin_epoch(source, s.batch_size, lr, s.binarize == "dynamic", beta=beta)
         per_call = 1
         seconds = 0.0
         with progress_bar(run.total_batches, f"epoch {model.epoch + 1}", progress, "batch") as bar:
