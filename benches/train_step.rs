@@ -142,10 +142,14 @@ fn step(c: &mut Criterion) {
         g.bench_function(
             BenchmarkId::new("mnist 784-400-20 B=128", threads),
             |bench| {
-                let mut run = model.begin_epoch(data.n, B, 1e-3, false, 1.0).unwrap();
+                let mut run = model
+                    .begin_epoch(data.n, B, 1e-3, false, 1.0, 1e-8)
+                    .unwrap();
                 bench.iter(|| {
                     if run.done() {
-                        run = model.begin_epoch(data.n, B, 1e-3, false, 1.0).unwrap();
+                        run = model
+                            .begin_epoch(data.n, B, 1e-3, false, 1.0, 1e-8)
+                            .unwrap();
                     }
                     model.run(&data, &mut run, 1).unwrap();
                     black_box(run.loss_sum)

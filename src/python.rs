@@ -433,8 +433,8 @@ impl PyModel {
 
     /// Start the next epoch over `data`: a Dataset, or a 2-D array the core does not hold
     /// (memory-mapped), whose batches `run` then gathers one at a time. `beta` weights the KL
-    /// term of the loss trained on (1: the ELBO).
-    #[pyo3(signature = (data, batch_size, lr, binarize, beta=1.0))]
+    /// term of the loss trained on (1: the ELBO); `adam_eps` is Adam's epsilon.
+    #[pyo3(signature = (data, batch_size, lr, binarize, beta=1.0, adam_eps=1e-8))]
     fn begin_epoch(
         &self,
         data: &Bound<'_, PyAny>,
@@ -442,10 +442,11 @@ impl PyModel {
         lr: f64,
         binarize: bool,
         beta: f64,
+        adam_eps: f64,
     ) -> PyResult<PyEpochRun> {
         let inner = self
             .inner
-            .begin_epoch(row_count(data)?, batch_size, lr, binarize, beta)
+            .begin_epoch(row_count(data)?, batch_size, lr, binarize, beta, adam_eps)
             .map_err(to_py)?;
         Ok(PyEpochRun { inner })
     }
@@ -564,17 +565,19 @@ impl PyModel {
     }
 
     /// One Adam step on x with the given noise; returns the batch loss (sum over rows).
+    #[pyo3(signature = (x, eps, lr, adam_eps=1e-8))]
     fn step_with_noise(
         &mut self,
         py: Python<'_>,
         x: &Bound<'_, PyDataset>,
         eps: &Bound<'_, PyAny>,
         lr: f64,
+        adam_eps: f64,
     ) -> PyResult<f64> {
         let (eps, _, _) = array_to_rows(eps, "eps")?;
         let x = &x.get().inner;
         let model = &mut self.inner;
-        py.detach(|| model.step_with_noise(x, &eps, lr))
+        py.detach(|| model.step_with_noise(x, &eps, lr, adam_eps))
             .map_err(to_py)
     }
 

@@ -55,6 +55,16 @@ fn check_beta(beta: f64) -> Result<()> {
     }
 }
 
+fn check_adam_eps(eps: f64) -> Result<()> {
+    if eps.is_finite() && eps > 0.0 && eps <= 1.0 {
+        Ok(())
+    } else {
+        Err(VaeError::Config(format!(
+            "adam_eps must be positive, finite and at most 1, got {eps}"
+        )))
+    }
+}
+
 fn check_lr(lr: f64) -> Result<()> {
     if lr.is_finite() && lr > 0.0 && lr <= MAX_LR {
         Ok(())
@@ -73,6 +83,8 @@ pub struct EpochRun {
     pub next: usize,
     pub loss_sum: f64,
     lr: f64,
+    /// Adam's epsilon.
+    adam_eps: f64,
     /// Dynamic binarization: every image is a fresh Bernoulli draw each time it is used.
     binarize: bool,
     /// The KL term's weight.
@@ -152,7 +164,9 @@ impl Model {
     }
 
     /// Start the next epoch over n rows: the shuffle is keyed by the seed and the epoch count.
-    /// `beta` weights the KL term of the loss trained on (1: the ELBO).
+    /// `beta` weights the KL term of the loss trained on (1: the ELBO); `adam_eps` is Adam's
+    /// epsilon.
+    #[allow(clippy::too_many_arguments)]
     pub fn begin_epoch(
         &self,
         n: usize,
@@ -160,6 +174,7 @@ impl Model {
         lr: f64,
         binarize: bool,
         beta: f64,
+        adam_eps: f64,
     ) -> Result<EpochRun> {
         if n == 0 {
             return Err(VaeError::Input("x is empty: need at least one row".into()));
@@ -169,6 +184,7 @@ impl Model {
         }
         check_lr(lr)?;
         check_beta(beta)?;
+        check_adam_eps(adam_eps)?;
         if binarize && self.vae.config.likelihood != Likelihood::Bernoulli {
             return Err(VaeError::Config(
                 "binarize=\"dynamic\" draws Bernoulli pixels: it needs likelihood=\"bernoulli\""
@@ -182,6 +198,7 @@ impl Model {
             next: 0,
             loss_sum: 0.0,
             lr,
+            adam_eps,
             binarize,
             beta: beta as f32,
         })
@@ -201,7 +218,7 @@ impl Model {
         }
         let d = data.d;
         let which = self.choice.pick();
-        let (mut trainer, pool) = self.trainer(run.batch_size, run.lr, which)?;
+        let (mut trainer, pool) = self.trainer(run.batch_size, run.lr, run.adam_eps, which)?;
         trainer.ws.kl_weight = run.beta;
         let (t0, rows0) = (std::time::Instant::now(), run.next);
         let slice = || {
@@ -235,7 +252,7 @@ impl Model {
             )));
         }
         let which = self.choice.pick();
-        let (mut trainer, pool) = self.trainer(run.batch_size, run.lr, which)?;
+        let (mut trainer, pool) = self.trainer(run.batch_size, run.lr, run.adam_eps, which)?;
         trainer.ws.kl_weight = run.beta;
         let t0 = std::time::Instant::now();
         batch.read_rows(&mut trainer.ws.x[..n * batch.d], 0, n);
@@ -263,6 +280,7 @@ impl Model {
         &mut self,
         batch_size: usize,
         lr: f64,
+        adam_eps: f64,
         which: usize,
     ) -> Result<(Trainer<'_>, std::sync::Arc<rayon::ThreadPool>)> {
         let pool = match (&self.solo, which) {
@@ -286,6 +304,7 @@ impl Model {
             epoch: self.epoch,
             cfg: AdamConfig {
                 lr,
+                eps: adam_eps,
                 ..AdamConfig::default()
             },
         };
@@ -327,8 +346,15 @@ impl Model {
 
     /// One training step on the given batch and noise, exactly as `run` takes it (for tests);
     /// returns the batch loss.
-    pub fn step_with_noise(&mut self, x: &Dataset, eps: &[f32], lr: f64) -> Result<f64> {
+    pub fn step_with_noise(
+        &mut self,
+        x: &Dataset,
+        eps: &[f32],
+        lr: f64,
+        adam_eps: f64,
+    ) -> Result<f64> {
         check_lr(lr)?;
+        check_adam_eps(adam_eps)?;
         let mut ws = self.batch_with_noise(x, eps)?;
         let pool = self.pool.get()?;
         let mut trainer = Trainer {
@@ -340,6 +366,7 @@ impl Model {
             epoch: self.epoch,
             cfg: AdamConfig {
                 lr,
+                eps: adam_eps,
                 ..AdamConfig::default()
             },
         };
@@ -373,7 +400,7 @@ mod tests {
             let cfg = Config::new(d, vec![24], 3, Activation::Relu).unwrap();
             let mut model = Model::new(cfg, 7, 2).unwrap();
             model.choice = PoolChoice::new(Some(which));
-            let mut run = model.begin_epoch(n, 64, 1e-3, true, 1.0).unwrap();
+            let mut run = model.begin_epoch(n, 64, 1e-3, true, 1.0, 1e-8).unwrap();
             model.run(&data, &mut run, usize::MAX).unwrap();
             model.end_epoch(&run).unwrap();
             model.vae.params

@@ -52,6 +52,7 @@ def test_init_stores_settings_only() -> None:
         "binarize": None,
         "progress": True,
         "lr_schedule": None,
+        "adam_eps": 1e-8,
         "seed": 4,
         "threads": 1,
     }

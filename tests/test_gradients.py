@@ -504,14 +504,16 @@ def test_three_adam_steps_match_numpy(
         assert_close_scaled(m[name], state.m[name], ADAM_RTOL, f"{what}: Adam m of {name}")
 
 
+@pytest.mark.parametrize("adam_eps", [1e-8, 1e-4, 0.1])
 @pytest.mark.parametrize("first_layer", sorted(FIRST_LAYER))
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("config", ADAM_CASES, ids=[c.id for c in ADAM_CASES])
 def test_adam_update_matches_numpy_on_the_cores_gradients(
-    config: Config, threads: int, first_layer: str
+    config: Config, threads: int, first_layer: str, adam_eps: float
 ) -> None:
     """Each step_with_noise equals NumPy's Adam applied to the core's own gradients there
-    (on the sparse path, the gradients loss_and_grads stores against the fused update)."""
+    (on the sparse path, the gradients loss_and_grads stores against the fused update), with
+    torch's epsilon and others (the IWAE paper's 1e-4; 0.1 changes every update)."""
     weights, x, eps = make_case(config, 130, seed=12)
     lr = 1e-2
     model = core_model(config, weights, threads)
@@ -520,8 +522,8 @@ def test_adam_update_matches_numpy_on_the_cores_gradients(
     for step in range(1, 4):
         before = model.weights()
         _, grads = model.loss_and_grads(data, eps)
-        model.step_with_noise(data, eps, lr)
-        want = nv.adam_step(before, grads, state, lr)
+        model.step_with_noise(data, eps, lr, adam_eps=adam_eps)
+        want = nv.adam_step(before, grads, state, lr, eps=adam_eps)
         got = model.weights()
         for name in weights:
             what = f"{config.id} threads={threads} {first_layer} step {step}: {name}"

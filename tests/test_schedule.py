@@ -87,3 +87,18 @@ def test_resume_continues_the_schedule(tmp_path: Path, mnist_dir: Path) -> None:
         np.testing.assert_array_equal(b.weights()[name], w, err_msg=name)
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["lr"] for line in lines] == [2e-3, 1e-3]
+
+
+def test_adam_eps_reaches_the_optimizer_and_is_saved(tmp_path: Path) -> None:
+    x = np.random.default_rng(1).random((64, 5)).astype(np.float32)
+    default = VAE(**TINY).fit(x, epochs=2)
+    same = VAE(**TINY, adam_eps=1e-8).fit(x, epochs=2)
+    paper = VAE(**TINY, adam_eps=1e-4).fit(x, epochs=2)
+    w0, w1, w2 = default.weights(), same.weights(), paper.weights()
+    assert all(np.array_equal(w0[k], w1[k]) for k in w0)
+    assert any(not np.array_equal(w0[k], w2[k]) for k in w0)
+    assert paper.fit_params_["adam_eps"] == 1e-4
+    paper.save(tmp_path / "m.safetensors")
+    assert VAE.load(tmp_path / "m.safetensors").fit_params_["adam_eps"] == 1e-4
+    with pytest.raises(ConfigError, match="adam_eps"):
+        VAE(**TINY, adam_eps=0.0).fit(x)

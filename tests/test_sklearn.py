@@ -82,6 +82,7 @@ def test_every_training_setting_is_a_parameter() -> None:
         "binarize",
         "progress",
         "lr_schedule",
+        "adam_eps",
         "seed",
         "threads",
     ]
@@ -104,6 +105,7 @@ def test_constructor_settings_drive_fit_and_keywords_override_one_call(unit: np.
         "kl_warmup": 0,
         "patience": None,
         "lr_schedule": None,
+        "adam_eps": 1e-8,
     }
     vae.fit(unit, epochs=1, batch_size=60, beta=1.0, progress=False)
     assert vae.history_["epoch"] == [1, 2, 3] and vae.model_.step == 6 + 2

@@ -183,10 +183,11 @@ class Model:
         lr: float,
         binarize: bool,
         beta: float = 1.0,
+        adam_eps: float = 1e-8,
     ) -> EpochRun:
         """Start the next epoch over `data`: a Dataset, or a 2-D array the core does not hold
         (memory-mapped), whose batches `run` then gathers one at a time. `beta` weights the KL
-        term of the loss trained on (1: the ELBO)."""
+        term of the loss trained on (1: the ELBO); `adam_eps` is Adam's epsilon."""
     def run(
         self,
         data: Dataset | NDArray[np.float32] | NDArray[np.float64],
@@ -212,7 +213,11 @@ class Model:
         """Loss and gradients (weight-named dict) for x with the given noise eps (B, Z), the KL
         weighted by beta."""
     def step_with_noise(
-        self, x: Dataset, eps: NDArray[np.float32] | NDArray[np.float64], lr: float
+        self,
+        x: Dataset,
+        eps: NDArray[np.float32] | NDArray[np.float64],
+        lr: float,
+        adam_eps: float = 1e-8,
     ) -> float:
         """One Adam step on x with the given noise; returns the batch loss (sum over rows)."""
     def encode(self, data: Dataset) -> tuple[NDArray[np.float32], NDArray[np.float32]]:

@@ -34,6 +34,7 @@ _ADDED_FIT_PARAMS: dict[str, Any] = {
     "kl_warmup": 0,
     "patience": None,
     "lr_schedule": None,
+    "adam_eps": 1e-8,
 }
 
 
@@ -148,10 +149,21 @@ def _fit_params(raw: str | None) -> dict[str, Any] | None:
         and _is_int(p.get("kl_warmup"))
         and (p.get("patience") is None or _is_int(p.get("patience")))
         and _schedule_ok(p.get("lr_schedule"))
+        and isinstance(p.get("adam_eps"), float)
+        and 0 < p["adam_eps"] <= 1
     )
     if not ok:
         raise CheckpointError("the file's training settings have an unexpected layout")
-    keys = ("batch_size", "lr", "binarize", "beta", "kl_warmup", "patience", "lr_schedule")
+    keys = (
+        "batch_size",
+        "lr",
+        "binarize",
+        "beta",
+        "kl_warmup",
+        "patience",
+        "lr_schedule",
+        "adam_eps",
+    )
     return {k: float(p[k]) if k == "beta" else p[k] for k in keys}
 
 

@@ -314,6 +314,13 @@ def _parser() -> argparse.ArgumentParser:
         "(default: a constant --lr, or the resumed run's schedule)",
     )
     t.add_argument(
+        "--adam-eps",
+        type=_positive(float),
+        metavar="EPS",
+        default=None,
+        help="Adam's epsilon (default: 1e-8, or the resumed run's; the IWAE paper used 1e-4)",
+    )
+    t.add_argument(
         "--patience",
         type=_positive(int),
         metavar="N",
@@ -842,6 +849,7 @@ def _train(args: argparse.Namespace) -> int:
     beta = args.beta if args.beta is not None else saved.get("beta")
     kl_warmup = args.kl_warmup if args.kl_warmup is not None else saved.get("kl_warmup")
     lr_schedule = args.lr_schedule if args.lr_schedule is not None else saved.get("lr_schedule")
+    adam_eps = args.adam_eps if args.adam_eps is not None else saved.get("adam_eps")
     # Dynamic binarization is scored on one fixed Bernoulli draw of the test set.
     x_eval = data.x_val
     if dynamic and x_eval is not None:
@@ -907,6 +915,7 @@ def _train(args: argparse.Namespace) -> int:
             beta=beta,
             kl_warmup=kl_warmup,
             lr_schedule=lr_schedule,
+            adam_eps=adam_eps,
             on_epoch_end=epoch_done,
         )
     if not hasattr(vae, "epochs_trained_"):

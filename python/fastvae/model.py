@@ -53,6 +53,7 @@ _TRAINING = (
     "binarize",
     "progress",
     "lr_schedule",
+    "adam_eps",
 )
 # Every constructor parameter, in the constructor's order.
 _PARAM_NAMES = (*_ARCHITECTURE, *_TRAINING, "seed", "threads")
@@ -225,6 +226,7 @@ class _Training(NamedTuple):
     binarize: str | None
     progress: bool
     lr_schedule: dict[str, Any] | None
+    adam_eps: float
 
 
 # Inputs beyond this magnitude are far from the unit scale the initial weights and the
@@ -310,6 +312,8 @@ class VAE:
         ``stages``, ``step``, ``exponential`` or ``cosine`` decay from ``lr``, counted over
         every epoch the model trains (across fits and resumes); saved with the model.
         ``history_["lr"]`` records each epoch's rate. None keeps ``lr``.
+    adam_eps : float
+        Adam's epsilon (torch's default 1e-8; the IWAE paper used 1e-4).
     seed : int
         Seeds the initial weights, the shuffling and the noise: the same seed and thread count
         give bit-identical weights after ``fit``.
@@ -366,6 +370,7 @@ class VAE:
         binarize: str | None = None,
         progress: bool = True,
         lr_schedule: dict[str, Any] | None = None,
+        adam_eps: float = 1e-8,
         seed: int = 0,
         threads: int | None = None,
     ) -> None:
@@ -384,6 +389,7 @@ class VAE:
         self.binarize = binarize
         self.progress = progress
         self.lr_schedule = lr_schedule
+        self.adam_eps = adam_eps
         self.seed = seed
         self.threads = threads
         # One call at a time per model: a second thread waits rather than racing the core.
@@ -585,6 +591,9 @@ class VAE:
         if not isinstance(progress, bool | np.bool_):
             raise ConfigError(f"progress must be True or False, got {progress!r}")
         lr_schedule = schedule.check(v["lr_schedule"])
+        adam_eps = _real("adam_eps", v["adam_eps"])
+        if not (math.isfinite(adam_eps) and 0 < adam_eps <= 1):
+            raise ConfigError(f"adam_eps must be in (0, 1], got {adam_eps}")
         return _Training(
             epochs,
             batch_size,
@@ -596,6 +605,7 @@ class VAE:
             binarize,
             bool(progress),
             lr_schedule,
+            adam_eps,
         )
 
     def _adopt(self, model: _core.Model, history: dict[str, list[Any]] | None = None) -> None:
@@ -746,6 +756,7 @@ class VAE:
         patience: int | None = None,
         binarize: str | None = None,
         lr_schedule: dict[str, Any] | None = None,
+        adam_eps: float | None = None,
         validation_data: Any = None,
         progress: bool | None = None,
         on_epoch_end: Callable[[VAE], bool | None] | None = None,
@@ -763,7 +774,7 @@ class VAE:
             Gaussian one. A ``numpy.memmap`` is read piece by piece (it may exceed memory).
         y : ignored
             Accepted so the VAE fits in a scikit-learn Pipeline.
-        epochs, batch_size, lr, beta, kl_warmup, patience, binarize, lr_schedule
+        epochs, batch_size, lr, beta, kl_warmup, patience, binarize, lr_schedule, adam_eps
             As the constructor's parameters of the same names.
         validation_data : array of shape (m, input_dim), or a tuple whose first item is one
             Evaluated after every epoch; its mean negative ELBO goes to
@@ -807,6 +818,7 @@ class VAE:
                 "binarize": binarize,
                 "progress": progress,
                 "lr_schedule": lr_schedule,
+                "adam_eps": adam_eps,
             }
         )
         arch = self._architecture()
@@ -854,6 +866,7 @@ class VAE:
                 "kl_warmup": s.kl_warmup,
                 "patience": s.patience,
                 "lr_schedule": s.lr_schedule,
+                "adam_eps": s.adam_eps,
             }
             try:
                 if s.patience is None:
@@ -964,7 +977,9 @@ class VAE:
         from .progress import progress_bar
 
         source = data.arr if isinstance(data, _MappedRows) else data
-        run = model.begin_epoch(source, s.batch_size, lr, s.binarize == "dynamic", beta=beta)
+        run = model.begin_epoch(
+            source, s.batch_size, lr, s.binarize == "dynamic", beta=beta, adam_eps=s.adam_eps
+        )
         per_call = 1
         seconds = 0.0
         with progress_bar(run.total_batches, f"epoch {model.epoch + 1}", progress, "batch") as bar:
