@@ -102,3 +102,24 @@ def test_adam_eps_reaches_the_optimizer_and_is_saved(tmp_path: Path) -> None:
     assert VAE.load(tmp_path / "m.safetensors").fit_params_["adam_eps"] == 1e-4
     with pytest.raises(ConfigError, match="adam_eps"):
         VAE(**TINY, adam_eps=0.0).fit(x)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_output_bias_from_data(likelihood: str) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.random((200, 6)).astype(np.float32)
+    x[:, 0] = 0.0  # a pixel that is never on: its mean clips to 0.001
+    if likelihood == "gaussian":
+        x = x * 4.0 - 1.0
+    mean = x.astype(np.float64).mean(axis=0)
+    if likelihood == "bernoulli":
+        p = np.clip(mean, 0.001, 0.999)
+        want = np.log(p / (1 - p))
+    else:
+        want = mean
+    # A rate far too small to move the weights: the bias is where the build put it.
+    settings = {**TINY, "likelihood": likelihood, "lr": 1e-12, "epochs": 1}
+    vae = VAE(**settings, output_bias_from_data=True).fit(x)
+    np.testing.assert_allclose(vae.weights()["decoder.1.bias"], want, rtol=1e-5, atol=1e-6)
+    plain = VAE(**settings).fit(x).weights()["decoder.1.bias"]
+    assert np.max(np.abs(plain - want)) > 0.5

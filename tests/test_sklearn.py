@@ -83,6 +83,7 @@ def test_every_training_setting_is_a_parameter() -> None:
         "progress",
         "lr_schedule",
         "adam_eps",
+        "output_bias_from_data",
         "seed",
         "threads",
     ]

@@ -314,6 +314,12 @@ def _parser() -> argparse.ArgumentParser:
         "(default: a constant --lr, or the resumed run's schedule)",
     )
     t.add_argument(
+        "--output-bias-from-data",
+        action="store_true",
+        help="start the decoder's output bias at the logit of each input's training-set mean "
+        "(the mean for --likelihood gaussian), as the IWAE paper's code does",
+    )
+    t.add_argument(
         "--adam-eps",
         type=_positive(float),
         metavar="EPS",
@@ -865,6 +871,7 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             threads=args.threads,
             likelihood=likelihood,
+            output_bias_from_data=args.output_bias_from_data,
         )
     else:
         _check_width(vae, data)

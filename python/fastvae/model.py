@@ -56,7 +56,7 @@ _TRAINING = (
     "adam_eps",
 )
 # Every constructor parameter, in the constructor's order.
-_PARAM_NAMES = (*_ARCHITECTURE, *_TRAINING, "seed", "threads")
+_PARAM_NAMES = (*_ARCHITECTURE, *_TRAINING, "output_bias_from_data", "seed", "threads")
 # Target seconds per call into the core while training: short enough that Ctrl-C and the
 # progress bar answer promptly, long enough that the call overhead is negligible.
 _SLICE_SECONDS = 0.1
@@ -249,6 +249,22 @@ def _scale_hint(arr: NDArray[np.floating]) -> str:
     )
 
 
+def _set_output_bias(model: _core.Model, x: NDArray[np.floating]) -> None:
+    """Start the decoder's output bias at x's per-input mean: its logit (the mean clipped to
+    [0.001, 0.999]) for Bernoulli pixels, the mean itself for Gaussian means."""
+    mean = np.zeros(x.shape[1])
+    for start in range(0, x.shape[0], 1 << 16):  # in pieces: x may be memory-mapped
+        mean += np.asarray(x[start : start + (1 << 16)], dtype=np.float64).sum(axis=0)
+    mean /= x.shape[0]
+    if model.likelihood == "bernoulli":
+        p = np.clip(mean, 0.001, 0.999)
+        mean = np.log(p) - np.log1p(-p)
+    weights = model.weights()
+    last = max(int(k.split(".")[1]) for k in weights if k.startswith("decoder."))
+    weights[f"decoder.{last}.bias"] = mean.astype(np.float32)
+    model.set_weights(weights)
+
+
 def _kl_weight(beta: float, kl_warmup: int, epoch: int) -> float:
     """The KL weight of training epoch `epoch` (1-based, counting every epoch the model has
     trained): beta, reached linearly over the first kl_warmup epochs."""
@@ -314,6 +330,11 @@ class VAE:
         ``history_["lr"]`` records each epoch's rate. None keeps ``lr``.
     adam_eps : float
         Adam's epsilon (torch's default 1e-8; the IWAE paper used 1e-4).
+    output_bias_from_data : bool
+        When the model is built (its first ``fit``), start the decoder's output bias at the
+        data: the logit of each input's mean over x, clipped to [0.001, 0.999], for the
+        Bernoulli likelihood (as the IWAE paper's code does), or the mean for the Gaussian
+        one. False keeps PyTorch's default initialization.
     seed : int
         Seeds the initial weights, the shuffling and the noise: the same seed and thread count
         give bit-identical weights after ``fit``.
@@ -371,6 +392,7 @@ class VAE:
         progress: bool = True,
         lr_schedule: dict[str, Any] | None = None,
         adam_eps: float = 1e-8,
+        output_bias_from_data: bool = False,
         seed: int = 0,
         threads: int | None = None,
     ) -> None:
@@ -390,6 +412,7 @@ class VAE:
         self.progress = progress
         self.lr_schedule = lr_schedule
         self.adam_eps = adam_eps
+        self.output_bias_from_data = output_bias_from_data
         self.seed = seed
         self.threads = threads
         # One call at a time per model: a second thread waits rather than racing the core.
@@ -822,6 +845,9 @@ class VAE:
             }
         )
         arch = self._architecture()
+        from_data = self.output_bias_from_data
+        if not isinstance(from_data, bool | np.bool_):
+            raise ConfigError(f"output_bias_from_data must be True or False, got {from_data!r}")
         model = getattr(self, "model_", None)
         likelihood = arch.likelihood if model is None else model.likelihood
         if s.binarize == "dynamic" and likelihood != "bernoulli":
@@ -853,7 +879,10 @@ class VAE:
             val = self._core_rows(val_arr, "validation_data", likelihood)
         with self._lock:
             if not hasattr(self, "model_"):
-                self._adopt(self._build(arch, arr.shape[1]))
+                built = self._build(arch, arr.shape[1])
+                if from_data:
+                    _set_output_bias(built, arr)
+                self._adopt(built)
                 if names is not None:
                     self.feature_names_in_ = np.asarray(names, dtype=object)
             model = self.model_
