@@ -114,17 +114,7 @@ pub fn check_domain(
     if domain == Domain::Unit {
         return check_values(data, d, name, first_row).map(|_| true);
     }
-    let bad = data
-        .par_chunks(1 << 16)
-        .position_first(|c| !c.iter().all(|v| v.is_finite()))
-        .and_then(|c| {
-            let base = c << 16;
-            data[base..(base + (1 << 16)).min(data.len())]
-                .iter()
-                .position(|v| !v.is_finite())
-                .map(|i| base + i)
-        });
-    if let Some(i) = bad {
+    if let Some(i) = first_bad(data, |c| c.iter().all(|v| v.is_finite()), f32::is_finite) {
         let v = data[i];
         let what = if v.is_nan() {
             "NaN".to_string()
@@ -143,18 +133,7 @@ pub fn check_domain(
 /// Checks every value of the rows `data` (n, d) is finite and in [0, 1]; the error names the
 /// first bad entry, as `name[row, column]` with rows counted from `first_row`.
 pub fn check_values(data: &[f32], d: usize, name: &str, first_row: usize) -> Result<()> {
-    // A vectorized pass per chunk; the slow search for the position only on failure.
-    let bad = data
-        .par_chunks(1 << 16)
-        .position_first(|c| !unit_interval(c))
-        .and_then(|c| {
-            let base = c << 16;
-            data[base..(base + (1 << 16)).min(data.len())]
-                .iter()
-                .position(|v| !(*v >= 0.0 && *v <= 1.0))
-                .map(|i| base + i)
-        });
-    if let Some(i) = bad {
+    if let Some(i) = first_bad(data, unit_interval, |v| (0.0..=1.0).contains(&v)) {
         let v = data[i];
         let what = if v.is_nan() {
             "NaN".to_string()
@@ -170,6 +149,22 @@ pub fn check_values(data: &[f32], d: usize, name: &str, first_row: usize) -> Res
         )));
     }
     Ok(())
+}
+
+/// The index of the first value of `data` that fails `value_ok`: a vectorized `chunk_ok` pass
+/// per chunk in parallel, and the slow search for the position only in a failing chunk.
+fn first_bad(
+    data: &[f32],
+    chunk_ok: impl Fn(&[f32]) -> bool + Sync + Send,
+    value_ok: impl Fn(f32) -> bool,
+) -> Option<usize> {
+    const CHUNK: usize = 1 << 16;
+    let c = data.par_chunks(CHUNK).position_first(|c| !chunk_ok(c))?;
+    let base = c * CHUNK;
+    data[base..(base + CHUNK).min(data.len())]
+        .iter()
+        .position(|&v| !value_ok(v))
+        .map(|i| base + i)
 }
 
 /// How a data set's values are held.

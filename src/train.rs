@@ -218,8 +218,7 @@ impl Model {
         }
         let d = data.d;
         let which = self.choice.pick();
-        let (mut trainer, pool) = self.trainer(run.batch_size, run.lr, run.adam_eps, which)?;
-        trainer.ws.kl_weight = run.beta;
+        let (mut trainer, pool) = self.trainer(run, which)?;
         let (t0, rows0) = (std::time::Instant::now(), run.next);
         let slice = || {
             for _ in 0..max_batches {
@@ -252,8 +251,7 @@ impl Model {
             )));
         }
         let which = self.choice.pick();
-        let (mut trainer, pool) = self.trainer(run.batch_size, run.lr, run.adam_eps, which)?;
-        trainer.ws.kl_weight = run.beta;
+        let (mut trainer, pool) = self.trainer(run, which)?;
         let t0 = std::time::Instant::now();
         batch.read_rows(&mut trainer.ws.x[..n * batch.d], 0, n);
         run.loss_sum += pool.install(|| trainer.step(n, batch.sparse, run.binarize))?;
@@ -273,16 +271,16 @@ impl Model {
         Ok(run.mean_loss())
     }
 
-    /// The parts of the model a training step changes, with the workspace for batches of
-    /// `batch_size` rows (made anew only when the batch size changes), and the pool to run on
-    /// (`which`: 0 the full pool, 1 the one-thread pool where there is one).
+    /// The parts of the model a training step changes, set up for the epoch `run` (its lr, Adam
+    /// epsilon and KL weight), with the workspace for batches of its batch size (made anew only
+    /// when that changes), and the pool to run on (`which`: 0 the full pool, 1 the one-thread
+    /// pool where there is one).
     fn trainer(
         &mut self,
-        batch_size: usize,
-        lr: f64,
-        adam_eps: f64,
+        run: &EpochRun,
         which: usize,
     ) -> Result<(Trainer<'_>, std::sync::Arc<rayon::ThreadPool>)> {
+        let batch_size = run.batch_size;
         let pool = match (&self.solo, which) {
             (Some(solo), 1) => solo.get()?,
             _ => self.pool.get()?,
@@ -295,16 +293,18 @@ impl Model {
                 self.threads(),
             ));
         }
+        let ws = self.train_ws.as_mut().expect("workspace just made");
+        ws.kl_weight = run.beta;
         let trainer = Trainer {
             vae: &mut self.vae,
             grads: &mut self.grads,
             adam: &mut self.adam,
-            ws: self.train_ws.as_mut().expect("workspace just made"),
+            ws,
             seed: self.seed,
             epoch: self.epoch,
             cfg: AdamConfig {
-                lr,
-                eps: adam_eps,
+                lr: run.lr,
+                eps: run.adam_eps,
                 ..AdamConfig::default()
             },
         };

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from . import schedule
 from .errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -179,11 +180,9 @@ def _early_stopping(raw: str | None) -> dict[str, int | None] | None:
     return {"best_epoch": e["best_epoch"], "stopped_epoch": e["stopped_epoch"]}
 
 
-def _schedule_ok(schedule: Any) -> bool:
-    from .schedule import check
-
+def _schedule_ok(spec: Any) -> bool:
     try:
-        return check(schedule) == schedule
+        return schedule.check(spec) == spec
     except ConfigError:
         return False
 

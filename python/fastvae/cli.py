@@ -72,18 +72,26 @@ def _dims(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _positive(kind: type) -> Any:
+def _number(kind: type, ok: Any, requirement: str, noun: str | None = None) -> Any:
+    """An argparse type: text read as `kind`, finite and satisfying `ok`; the errors say
+    "expected {noun}" and "must be {requirement}"."""
+    noun = noun or f"a {kind.__name__}"
+
     def parse(text: str) -> Any:
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not v > 0 or (kind is float and not np.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not (np.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
         return v
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _positive(kind: type) -> Any:
+    return _number(kind, lambda v: v > 0, "positive")
 
 
 def _lr_schedule(text: str) -> dict[str, Any]:
@@ -107,34 +115,9 @@ def _lr_schedule(text: str) -> dict[str, Any]:
     return checked
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return v
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (np.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return v
+_non_negative_int = _number(int, lambda v: v >= 0, ">= 0", "an integer")
+_non_negative_float = _number(float, lambda v: v >= 0, "a finite number >= 0", "a number")
+_fraction = _number(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)", "a fraction")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
