@@ -10,7 +10,7 @@ use fastvae::matmul::{matmul, Op};
 use fastvae::optim::{adam_step, AdamConfig, AdamKernel, AdamState};
 use fastvae::pool::build as build_pool;
 use fastvae::Config;
-use fastvae::{Dataset, Model};
+use fastvae::{Dataset, EpochSettings, Model};
 use std::hint::black_box;
 
 const B: usize = 128;
@@ -137,25 +137,29 @@ fn step(c: &mut Criterion) {
     g.sample_size(30);
     let n_rows = 4096;
     let data = Dataset::new(pseudo(n_rows * 784, 9), n_rows, 784).unwrap();
-    for threads in [1, 2] {
+    // k = 1: the ELBO step; k = 5: the importance-weighted step (the decoder over 5 B rows).
+    for (k, threads) in [(1, 1), (1, 2), (5, 1), (5, 2)] {
         let mut model = Model::new(Config::mnist(), 0, threads).unwrap();
-        g.bench_function(
-            BenchmarkId::new("mnist 784-400-20 B=128", threads),
-            |bench| {
-                let mut run = model
-                    .begin_epoch(data.n, B, 1e-3, false, 1.0, 1e-8)
-                    .unwrap();
-                bench.iter(|| {
-                    if run.done() {
-                        run = model
-                            .begin_epoch(data.n, B, 1e-3, false, 1.0, 1e-8)
-                            .unwrap();
-                    }
-                    model.run(&data, &mut run, 1).unwrap();
-                    black_box(run.loss_sum)
-                })
-            },
-        );
+        let settings = EpochSettings {
+            batch_size: B,
+            samples: k,
+            ..EpochSettings::default()
+        };
+        let name = if k == 1 {
+            "mnist 784-400-20 B=128".to_string()
+        } else {
+            format!("mnist 784-400-20 B=128 iwae k={k}")
+        };
+        g.bench_function(BenchmarkId::new(name, threads), |bench| {
+            let mut run = model.begin_epoch(data.n, settings).unwrap();
+            bench.iter(|| {
+                if run.done() {
+                    run = model.begin_epoch(data.n, settings).unwrap();
+                }
+                model.run(&data, &mut run, 1).unwrap();
+                black_box(run.loss_sum)
+            })
+        });
     }
     g.finish();
 }

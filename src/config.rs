@@ -71,6 +71,40 @@ impl Likelihood {
     }
 }
 
+/// How a training step combines the k samples of z it draws per example (k > 1; with one
+/// sample both are the ELBO, trained with its closed-form KL).
+/// - `Elbo`: the k-sample ELBO, the reconstruction averaged over the samples plus the
+///   closed-form KL (the paper's "VAE" rows at k > 1).
+/// - `Iwae`: the importance-weighted bound of Burda, Grosse & Salakhutdinov,
+///   log (1/k) sum_j p(x, z_j) / q(z_j | x).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    Elbo,
+    Iwae,
+}
+
+/// The objectives' names, as settings give them.
+pub const OBJECTIVES: [&str; 2] = ["elbo", "iwae"];
+
+impl Objective {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "elbo" => Ok(Objective::Elbo),
+            "iwae" => Ok(Objective::Iwae),
+            other => Err(VaeError::Config(format!(
+                "objective must be one of {OBJECTIVES:?}, got {other:?}"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Elbo => "elbo",
+            Objective::Iwae => "iwae",
+        }
+    }
+}
+
 /// Largest model the core agrees to allocate (parameters, f32): 2^28, about 1 GiB per copy,
 /// and training keeps four copies (weights, gradients, two Adam moments).
 pub const MAX_PARAMS: usize = 1 << 28;
@@ -80,6 +114,9 @@ pub const MAX_WIDTH: usize = 1 << 20;
 pub const MAX_THREADS: usize = 1024;
 /// Most importance samples per example in the log-likelihood estimate.
 pub const MAX_K: usize = 1 << 24;
+/// Most decoder rows a training step may hold (batch_size times the samples per example k):
+/// the step's buffers grow with them, about 16 KB per row for the canonical model.
+pub const MAX_STEP_ROWS: usize = 1 << 18;
 /// Largest learning rate accepted: beyond it an Adam step (about lr per weight) can overflow
 /// float32, and no useful training is anywhere near it.
 pub const MAX_LR: f64 = 1e6;

@@ -387,8 +387,15 @@ dispatch!(fn gaussian_row(row: &mut [f32], x: &[f32], inv_var: &[f32]) -> f32 = 
 
 /// dlv (D) = d/dlv of the Gaussian NLL summed over the batch, from dm (B, D) =
 /// (m - x) exp(-lv) as `gaussian_nll_forward_backward` left it: sum over rows of
-/// (1 - (x - m)^2 exp(-lv)) / 2 = (1 - dm^2 exp(lv)) / 2.
-pub fn gaussian_logvar_backward(dlv: &mut [f32], dm: &[f32], logvar: &[f32], b: usize) {
+/// (1 - (x - m)^2 exp(-lv)) / 2 = (1 - dm^2 exp(lv)) / 2, each row's term times its weight
+/// in `row_weights` (B) when given (the k-sample objectives; 1 without).
+pub fn gaussian_logvar_backward(
+    dlv: &mut [f32],
+    dm: &[f32],
+    logvar: &[f32],
+    b: usize,
+    row_weights: Option<&[f32]>,
+) {
     let d = dlv.len();
     let var: Vec<f32> = logvar.iter().map(|&v| v.exp()).collect();
     // One column block per task, the rows summed in order: the same sum on any pool.
@@ -396,20 +403,22 @@ pub fn gaussian_logvar_backward(dlv: &mut [f32], dm: &[f32], logvar: &[f32], b: 
     dlv.par_chunks_mut(block).enumerate().for_each(|(c, out)| {
         let lo = c * block;
         out.fill(0.0);
-        for row in dm[..b * d].chunks_exact(d) {
-            logvar_grad_row(out, &row[lo..lo + out.len()], &var[lo..lo + out.len()]);
+        for (r, row) in dm[..b * d].chunks_exact(d).enumerate() {
+            let w = row_weights.map_or(1.0, |w| w[r]);
+            logvar_grad_row(out, &row[lo..lo + out.len()], &var[lo..lo + out.len()], w);
         }
     });
 }
 
 #[inline(always)]
-fn logvar_grad_row_generic(out: &mut [f32], dm: &[f32], var: &[f32]) {
+fn logvar_grad_row_generic(out: &mut [f32], dm: &[f32], var: &[f32], weight: f32) {
     for ((o, &g), &v) in out.iter_mut().zip(dm).zip(var) {
-        *o += 0.5 * (1.0 - g * g * v);
+        // weight 1 multiplies exactly: the one-sample path rounds as it did without weights.
+        *o += weight * (0.5 * (1.0 - g * g * v));
     }
 }
 
-dispatch!(fn logvar_grad_row(out: &mut [f32], dm: &[f32], var: &[f32]) -> () = logvar_grad_row_generic);
+dispatch!(fn logvar_grad_row(out: &mut [f32], dm: &[f32], var: &[f32], weight: f32) -> () = logvar_grad_row_generic);
 
 /// The largest |v|, vectorized (NaN values are passed over: callers check finiteness apart).
 pub fn max_abs(values: &[f32]) -> f32 {

@@ -71,6 +71,10 @@ pub struct Workspace {
     /// The weight gradients of the latent block of every part but the first (which goes
     /// straight into the gradients), (parts - 1, latent span).
     pub latent_grads: Vec<f32>,
+    /// The k-sample objectives (`iwae`): (B k, D) each row of x once per sample, and (B k) each
+    /// sample's weight in the gradient; sized on first use.
+    pub x_rep: Vec<f32>,
+    pub sample_weights: Vec<f32>,
 }
 
 /// What `Vae::backward` does with the first layer's weight gradient.
@@ -109,15 +113,20 @@ impl Workspace {
             dz: grad(z),
             nonzeros: BatchNonzeros::default(),
             latent_grads: Vec::new(),
+            x_rep: Vec::new(),
+            sample_weights: Vec::new(),
         }
     }
 }
 
-fn weights<'a>(params: &'a [f32], l: &LinearLayout) -> (&'a [f32], &'a [f32]) {
+pub(crate) fn weights<'a>(params: &'a [f32], l: &LinearLayout) -> (&'a [f32], &'a [f32]) {
     (&params[l.weight.clone()], &params[l.bias.clone()])
 }
 
-fn weight_grads<'a>(grads: &'a mut [f32], l: &LinearLayout) -> (&'a mut [f32], &'a mut [f32]) {
+pub(crate) fn weight_grads<'a>(
+    grads: &'a mut [f32],
+    l: &LinearLayout,
+) -> (&'a mut [f32], &'a mut [f32]) {
     grads[l.weight.start..l.bias.end].split_at_mut(l.weight.len())
 }
 
@@ -184,7 +193,7 @@ impl Vae {
     /// The encoder's hidden layers: ws.x[..n] -> ws.enc, the first through `first_layer`.
     /// With `sparse`, the batch's nonzeros are indexed (in ws.nonzeros) and the first layer
     /// skips zero inputs, here and in the weight gradient.
-    fn encode_hidden(&self, ws: &mut Workspace, n: usize, sparse: bool) {
+    pub(crate) fn encode_hidden(&self, ws: &mut Workspace, n: usize, sparse: bool) {
         let p = &self.params;
         let mut inp: &[f32] = &ws.x[..n * self.config.input_dim];
         ws.nonzeros.clear();
@@ -211,7 +220,7 @@ impl Vae {
     }
 
     /// Whether the latent block holds the decoder's first layer (it has a hidden layer).
-    fn latent_has_dec0(&self) -> bool {
+    pub(crate) fn latent_has_dec0(&self) -> bool {
         self.layout.decoder.len() >= 2
     }
 
@@ -266,7 +275,7 @@ impl Vae {
     }
 
     /// The decoder from its layer `first` on, that layer's input in place (ws.z for layer 0).
-    fn decode_from(&self, ws: &mut Workspace, n: usize, first: usize) {
+    pub(crate) fn decode_from(&self, ws: &mut Workspace, n: usize, first: usize) {
         let p = &self.params;
         let last = self.layout.decoder.len() - 1;
         let (done, mut rest) = ws.dec.split_at_mut(first);
@@ -333,22 +342,30 @@ impl Vae {
     /// gradient is computed or left to the caller.
     pub fn backward(&self, grads: &mut [f32], ws: &mut Workspace, n: usize, first: FirstWeight) {
         debug_assert_eq!(grads.len(), self.params.len());
-        self.decoder_backward(grads, ws, n);
+        if let Some(lv) = &self.layout.out_logvar {
+            let dm = ws.dec.last().expect("decoder has an output layer");
+            let (g, p) = (&mut grads[lv.clone()], &self.params[lv.clone()]);
+            gaussian_logvar_backward(g, dm, p, n, None);
+        }
+        self.decoder_backward(grads, ws, n, usize::from(self.latent_has_dec0()));
         self.latent_backward(grads, ws, n);
         self.encoder_backward(grads, ws, n, first);
     }
 
-    /// The decoder's layers after the latent block, last first: from the logits' gradient to
-    /// ws.ddec[0] (or ws.dz without a hidden layer). The gradient of layer j's output is the
-    /// logits' for the last layer, ddec[j] made pre-activation for the others.
-    fn decoder_backward(&self, grads: &mut [f32], ws: &mut Workspace, n: usize) {
+    /// The decoder's layers from `first` on, last first: from the logits' gradient to
+    /// ws.ddec[first - 1] (or ws.dz when `first` is 0). The gradient of layer j's output is the
+    /// logits' for the last layer, ddec[j] made pre-activation for the others. The Gaussian
+    /// log-variances' gradient is the caller's.
+    pub(crate) fn decoder_backward(
+        &self,
+        grads: &mut [f32],
+        ws: &mut Workspace,
+        n: usize,
+        first: usize,
+    ) {
         let (act, params) = (self.act(), &self.params);
         let layers = &self.layout.decoder;
-        if let Some(lv) = &self.layout.out_logvar {
-            let dm = ws.dec.last().expect("decoder has an output layer");
-            gaussian_logvar_backward(&mut grads[lv.clone()], dm, &params[lv.clone()], n);
-        }
-        for j in (usize::from(self.latent_has_dec0())..layers.len()).rev() {
+        for j in (first..layers.len()).rev() {
             let l = &layers[j];
             let (dw, db) = weight_grads(grads, l);
             let (w, _) = weights(params, l);
@@ -470,7 +487,7 @@ impl Vae {
 
     /// The encoder's layers, last first; the first layer through `first_layer`, whose input
     /// gradient is never needed.
-    fn encoder_backward(
+    pub(crate) fn encoder_backward(
         &self,
         grads: &mut [f32],
         ws: &mut Workspace,

@@ -2,13 +2,13 @@
 //! around core work, and maps `VaeError` to fastvae's exception classes. No numerics here.
 
 use crate::checkpoint;
-use crate::config::{self, Activation, Config, Likelihood};
+use crate::config::{self, Activation, Config, Likelihood, Objective};
 use crate::dataset::{self, Dataset, Domain};
 use crate::error::VaeError;
 use crate::infer::{EVAL_CHUNK, EVAL_PIECE_ROWS, LOG_LIKELIHOOD_CALL_ROWS};
 use crate::params::TensorSpec;
 use crate::pool;
-use crate::train::{EpochRun, Model};
+use crate::train::{EpochRun, EpochSettings, Model};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyFloatingPointError, PyValueError};
 use pyo3::prelude::*;
@@ -433,8 +433,10 @@ impl PyModel {
 
     /// Start the next epoch over `data`: a Dataset, or a 2-D array the core does not hold
     /// (memory-mapped), whose batches `run` then gathers one at a time. `beta` weights the KL
-    /// term of the loss trained on (1: the ELBO); `adam_eps` is Adam's epsilon.
-    #[pyo3(signature = (data, batch_size, lr, binarize, beta=1.0, adam_eps=1e-8))]
+    /// term of the loss trained on (1: the ELBO); `adam_eps` is Adam's epsilon; `k` samples of
+    /// z per example combine as `objective` says ("iwae" or "elbo") when k > 1.
+    #[pyo3(signature = (data, batch_size, lr, binarize, beta=1.0, adam_eps=1e-8, k=1, objective="iwae"))]
+    #[allow(clippy::too_many_arguments)]
     fn begin_epoch(
         &self,
         data: &Bound<'_, PyAny>,
@@ -443,10 +445,21 @@ impl PyModel {
         binarize: bool,
         beta: f64,
         adam_eps: f64,
+        k: usize,
+        objective: &str,
     ) -> PyResult<PyEpochRun> {
+        let settings = EpochSettings {
+            batch_size,
+            lr,
+            adam_eps,
+            binarize,
+            beta,
+            samples: k,
+            objective: Objective::parse(objective).map_err(to_py)?,
+        };
         let inner = self
             .inner
-            .begin_epoch(row_count(data)?, batch_size, lr, binarize, beta, adam_eps)
+            .begin_epoch(row_count(data)?, settings)
             .map_err(to_py)?;
         Ok(PyEpochRun { inner })
     }
@@ -542,21 +555,25 @@ impl PyModel {
         Ok(PyArray1::from_vec(py, out))
     }
 
-    /// Loss and gradients (weight-named dict) for x with the given noise eps (B, Z), the KL
-    /// weighted by beta.
-    #[pyo3(signature = (x, eps, beta=1.0))]
+    /// Loss and gradients (weight-named dict) for x (B, D) with the given noise eps (B k, Z),
+    /// sample j of row i in eps row i k + j; the KL weighted by beta, the k samples combined as
+    /// `objective` says when k > 1.
+    #[pyo3(signature = (x, eps, beta=1.0, k=1, objective="iwae"))]
     fn loss_and_grads<'py>(
         &self,
         py: Python<'py>,
         x: &Bound<'py, PyDataset>,
         eps: &Bound<'py, PyAny>,
         beta: f64,
+        k: usize,
+        objective: &str,
     ) -> PyResult<(f64, Bound<'py, PyDict>)> {
+        let objective = Objective::parse(objective).map_err(to_py)?;
         let (eps, _, _) = array_to_rows(eps, "eps")?;
         let x = &x.get().inner;
         let model = &self.inner;
         let (loss, grads) = py
-            .detach(|| model.loss_and_grads(x, &eps, beta))
+            .detach(|| model.loss_and_grads(x, &eps, beta, k, objective))
             .map_err(to_py)?;
         Ok((
             loss,
@@ -564,8 +581,9 @@ impl PyModel {
         ))
     }
 
-    /// One Adam step on x with the given noise; returns the batch loss (sum over rows).
-    #[pyo3(signature = (x, eps, lr, adam_eps=1e-8))]
+    /// One Adam step on x with the given noise (B k, Z); returns the batch loss (sum over rows).
+    #[pyo3(signature = (x, eps, lr, adam_eps=1e-8, beta=1.0, k=1, objective="iwae"))]
+    #[allow(clippy::too_many_arguments)]
     fn step_with_noise(
         &mut self,
         py: Python<'_>,
@@ -573,11 +591,22 @@ impl PyModel {
         eps: &Bound<'_, PyAny>,
         lr: f64,
         adam_eps: f64,
+        beta: f64,
+        k: usize,
+        objective: &str,
     ) -> PyResult<f64> {
+        let settings = EpochSettings {
+            lr,
+            adam_eps,
+            beta,
+            samples: k,
+            objective: Objective::parse(objective).map_err(to_py)?,
+            ..EpochSettings::default()
+        };
         let (eps, _, _) = array_to_rows(eps, "eps")?;
         let x = &x.get().inner;
         let model = &mut self.inner;
-        py.detach(|| model.step_with_noise(x, &eps, lr, adam_eps))
+        py.detach(|| model.step_with_noise(x, &eps, settings))
             .map_err(to_py)
     }
 
@@ -756,6 +785,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_WIDTH", config::MAX_WIDTH)?;
     m.add("MAX_THREADS", config::MAX_THREADS)?;
     m.add("MAX_K", config::MAX_K)?;
+    m.add("MAX_STEP_ROWS", config::MAX_STEP_ROWS)?;
+    m.add("OBJECTIVES", config::OBJECTIVES.to_vec())?;
     m.add("ACTIVATIONS", config::ACTIVATIONS.to_vec())?;
     m.add("LIKELIHOODS", config::LIKELIHOODS.to_vec())?;
     m.add("LOGVAR_MIN", config::LOGVAR_MIN)?;

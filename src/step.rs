@@ -2,7 +2,7 @@
 //! forward, loss, backward, the finiteness check and Adam, with the first layer's weight
 //! gradient fused into its Adam update when the batch's nonzeros are indexed.
 
-use crate::config::{LOGVAR_MAX, LOGVAR_MIN};
+use crate::config::{Objective, LOGVAR_MAX, LOGVAR_MIN};
 use crate::error::{Result, VaeError};
 use crate::first_layer::{sparse_weight_backward, GradSink};
 use crate::layers::{for_rows, max_abs};
@@ -20,6 +20,9 @@ pub struct Trainer<'a> {
     /// Completed epochs, for error messages.
     pub epoch: u64,
     pub cfg: AdamConfig,
+    /// Samples of z per example (k), and how they combine when k > 1.
+    pub samples: usize,
+    pub objective: Objective,
 }
 
 impl Trainer<'_> {
@@ -30,7 +33,7 @@ impl Trainer<'_> {
         let (d, zdim) = (self.vae.config.input_dim, self.vae.config.latent_dim);
         fill_normal(
             &mut stream(seed, Purpose::TrainNoise, step),
-            &mut self.ws.eps[..n * zdim],
+            &mut self.ws.eps[..n * self.samples * zdim],
         );
         if binarize {
             // One stream per (step, row), so rows binarize in parallel.
@@ -57,16 +60,24 @@ impl Trainer<'_> {
             ws,
             epoch,
             cfg,
+            samples: k,
+            objective,
             ..
         } = self;
-        vae.forward(ws, n, sparse);
+        let (k, objective) = (*k, *objective);
         let step = adam.t + 1;
         let nonfinite = |what: String| VaeError::NonFinite {
             epoch: *epoch + 1,
             step,
             what,
         };
-        let loss = vae.loss(ws, n);
+        let loss = if k == 1 {
+            vae.forward(ws, n, sparse);
+            vae.loss(ws, n)
+        } else {
+            vae.samples_forward(ws, n, k, sparse);
+            vae.samples_loss(ws, n, k, objective)
+        };
         if !loss.is_finite() {
             return Err(nonfinite(format!("the loss is {loss}")));
         }
@@ -76,9 +87,13 @@ impl Trainer<'_> {
         } else {
             FirstWeight::Compute
         };
-        vae.backward(grads, ws, n, first);
+        if k == 1 {
+            vae.backward(grads, ws, n, first);
+        } else {
+            vae.samples_backward(grads, ws, n, k, objective, first);
+        }
         let kernel = AdamKernel::new(step, *cfg);
-        if gradients_finite(vae, grads, ws, n) {
+        if gradients_finite(vae, grads, ws, n, n * k) {
             let mut from = 0;
             if fused {
                 let l = &vae.layout.encoder[0];
@@ -123,17 +138,19 @@ const GRAD_SUM_LIMIT: f32 = 1e37;
 /// inputs instead of the gradients. The output layer's weight gradient sums dl * inp, where
 /// |dl| = |sigmoid(l) - x| <= 1 for Bernoulli pixels (Gaussian: the largest |dl|, read); the
 /// first layer's sums x * dh, where |x| <= 1 for Bernoulli pixels (Gaussian: the largest |x|).
-/// Each is finite when n * max of its one factor * max of the other is bounded. The first
-/// layer's weight gradient need not have been computed.
-fn gradients_finite(vae: &Vae, grads: &[f32], ws: &Workspace, n: usize) -> bool {
-    let limit = GRAD_SUM_LIMIT / n as f32;
+/// Each is finite when its row count * max of its one factor * max of the other is bounded:
+/// n rows for the first layer, n_dec for the output layer (n k with k samples per example,
+/// whose weights keep |dl| within the same bounds). The first layer's weight gradient need
+/// not have been computed.
+fn gradients_finite(vae: &Vae, grads: &[f32], ws: &Workspace, n: usize, n_dec: usize) -> bool {
+    let (limit, out_limit) = (GRAD_SUM_LIMIT / n as f32, GRAD_SUM_LIMIT / n_dec as f32);
     let layout = &vae.layout;
     let out = layout.decoder.last().expect("decoder has an output layer");
     let d = vae.config.input_dim;
     let (out_scale, in_scale) = match layout.out_logvar {
         None => (1.0, 1.0),
         Some(_) => {
-            let dl = &ws.dec.last().expect("decoder has an output layer")[..n * d];
+            let dl = &ws.dec.last().expect("decoder has an output layer")[..n_dec * d];
             (max_abs(dl), max_abs(&ws.x[..n * d]))
         }
     };
@@ -143,8 +160,8 @@ fn gradients_finite(vae: &Vae, grads: &[f32], ws: &Workspace, n: usize) -> bool 
         return false;
     }
     let out_inp = match layout.decoder.len() {
-        1 => &ws.z[..n * out.in_dim],
-        k => &ws.dec[k - 2][..n * out.in_dim],
+        1 => &ws.z[..n_dec * out.in_dim],
+        k => &ws.dec[k - 2][..n_dec * out.in_dim],
     };
     let mut skip = [out.weight.clone(), 0..0];
     if let Some(first) = layout.encoder.first() {
@@ -161,7 +178,7 @@ fn gradients_finite(vae: &Vae, grads: &[f32], ws: &Workspace, n: usize) -> bool 
         }
         from = r.end.max(from);
     }
-    all_within(out_inp, limit / out_scale.max(1.0)) && all_finite(&grads[from..])
+    all_within(out_inp, out_limit / out_scale.max(1.0)) && all_finite(&grads[from..])
 }
 
 /// Adam on every parameter from `from` on (past the first layer's weight when that was

@@ -7,7 +7,9 @@
 //! array larger than memory) are gathered by the caller batch by batch, in the order the
 //! epoch gives (`EpochRun::next_rows`, `Model::run_gathered`), with the same results.
 
-use crate::config::{Config, Likelihood, MAX_BETA, MAX_LR};
+use crate::config::{
+    Config, Likelihood, Objective, DEFAULT_BATCH_SIZE, DEFAULT_LR, MAX_BETA, MAX_LR, MAX_STEP_ROWS,
+};
 use crate::dataset::{gather, Dataset};
 use crate::error::{Result, VaeError};
 use crate::model::{FirstWeight, Vae, Workspace};
@@ -75,20 +77,81 @@ fn check_lr(lr: f64) -> Result<()> {
     }
 }
 
+/// How an epoch trains.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochSettings {
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Adam's epsilon.
+    pub adam_eps: f64,
+    /// Dynamic binarization: every image is a fresh Bernoulli draw each time it is used.
+    pub binarize: bool,
+    /// The KL term's weight (1: the ELBO, or the importance-weighted bound).
+    pub beta: f64,
+    /// Samples of z per example (k), and how a step combines them when there are several.
+    pub samples: usize,
+    pub objective: Objective,
+}
+
+impl Default for EpochSettings {
+    fn default() -> Self {
+        EpochSettings {
+            batch_size: DEFAULT_BATCH_SIZE,
+            lr: DEFAULT_LR,
+            adam_eps: 1e-8,
+            binarize: false,
+            beta: 1.0,
+            samples: 1,
+            objective: Objective::Iwae,
+        }
+    }
+}
+
+impl EpochSettings {
+    /// Every setting in range; `batch_size` taken at most n.
+    fn checked(mut self, n: usize, likelihood: Likelihood) -> Result<Self> {
+        if n == 0 {
+            return Err(VaeError::Input("x is empty: need at least one row".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(VaeError::Config("batch_size must be positive".into()));
+        }
+        self.batch_size = self.batch_size.min(n);
+        check_lr(self.lr)?;
+        check_beta(self.beta)?;
+        check_adam_eps(self.adam_eps)?;
+        check_samples(self.samples, self.batch_size)?;
+        if self.binarize && likelihood != Likelihood::Bernoulli {
+            return Err(VaeError::Config(
+                "binarize=\"dynamic\" draws Bernoulli pixels: it needs likelihood=\"bernoulli\""
+                    .into(),
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// k samples per example for batches of `batch_size` rows: at least 1, and the step's decoder
+/// rows (batch_size k) within MAX_STEP_ROWS.
+fn check_samples(k: usize, batch_size: usize) -> Result<()> {
+    if k == 0 {
+        return Err(VaeError::Config("k must be at least 1, got 0".into()));
+    }
+    match batch_size.checked_mul(k) {
+        Some(rows) if rows <= MAX_STEP_ROWS => Ok(()),
+        _ => Err(VaeError::Config(format!(
+            "batch_size * k must be at most {MAX_STEP_ROWS} (the decoder rows of one step), got {batch_size} * {k}"
+        ))),
+    }
+}
+
 /// Progress through one epoch: its shuffled order and the running loss.
 pub struct EpochRun {
     order: Vec<u32>,
-    batch_size: usize,
     /// Rows of the order trained on so far.
     pub next: usize,
     pub loss_sum: f64,
-    lr: f64,
-    /// Adam's epsilon.
-    adam_eps: f64,
-    /// Dynamic binarization: every image is a fresh Bernoulli draw each time it is used.
-    binarize: bool,
-    /// The KL term's weight.
-    beta: f32,
+    pub settings: EpochSettings,
 }
 
 impl EpochRun {
@@ -96,10 +159,10 @@ impl EpochRun {
         self.next >= self.order.len()
     }
     pub fn total_batches(&self) -> usize {
-        self.order.len().div_ceil(self.batch_size)
+        self.order.len().div_ceil(self.settings.batch_size)
     }
     pub fn batches_done(&self) -> usize {
-        self.next.div_ceil(self.batch_size)
+        self.next.div_ceil(self.settings.batch_size)
     }
     /// Mean per-example loss over the rows seen so far.
     pub fn mean_loss(&self) -> f64 {
@@ -107,7 +170,7 @@ impl EpochRun {
     }
     /// The data rows of the next batch (empty when the epoch is done).
     pub fn next_rows(&self) -> &[u32] {
-        let end = (self.next + self.batch_size).min(self.order.len());
+        let end = (self.next + self.settings.batch_size).min(self.order.len());
         &self.order[self.next..end]
     }
 }
@@ -163,44 +226,16 @@ impl Model {
         Ok(())
     }
 
-    /// Start the next epoch over n rows: the shuffle is keyed by the seed and the epoch count.
-    /// `beta` weights the KL term of the loss trained on (1: the ELBO); `adam_eps` is Adam's
-    /// epsilon.
-    #[allow(clippy::too_many_arguments)]
-    pub fn begin_epoch(
-        &self,
-        n: usize,
-        batch_size: usize,
-        lr: f64,
-        binarize: bool,
-        beta: f64,
-        adam_eps: f64,
-    ) -> Result<EpochRun> {
-        if n == 0 {
-            return Err(VaeError::Input("x is empty: need at least one row".into()));
-        }
-        if batch_size == 0 {
-            return Err(VaeError::Config("batch_size must be positive".into()));
-        }
-        check_lr(lr)?;
-        check_beta(beta)?;
-        check_adam_eps(adam_eps)?;
-        if binarize && self.vae.config.likelihood != Likelihood::Bernoulli {
-            return Err(VaeError::Config(
-                "binarize=\"dynamic\" draws Bernoulli pixels: it needs likelihood=\"bernoulli\""
-                    .into(),
-            ));
-        }
+    /// Start the next epoch over n rows, trained as `settings` say: the shuffle is keyed by the
+    /// seed and the epoch count.
+    pub fn begin_epoch(&self, n: usize, settings: EpochSettings) -> Result<EpochRun> {
+        let settings = settings.checked(n, self.vae.config.likelihood)?;
         let order = permutation(&mut stream(self.seed, Purpose::Shuffle, self.epoch), n);
         Ok(EpochRun {
             order,
-            batch_size: batch_size.min(n),
             next: 0,
             loss_sum: 0.0,
-            lr,
-            adam_eps,
-            binarize,
-            beta: beta as f32,
+            settings,
         })
     }
 
@@ -228,7 +263,7 @@ impl Model {
                 }
                 let n = rows.len();
                 gather(&mut trainer.ws.x[..n * d], data, rows);
-                run.loss_sum += trainer.step(n, data.sparse, run.binarize)?;
+                run.loss_sum += trainer.step(n, data.sparse, run.settings.binarize)?;
                 run.next += n;
             }
             Ok(())
@@ -254,7 +289,7 @@ impl Model {
         let (mut trainer, pool) = self.trainer(run, which)?;
         let t0 = std::time::Instant::now();
         batch.read_rows(&mut trainer.ws.x[..n * batch.d], 0, n);
-        run.loss_sum += pool.install(|| trainer.step(n, batch.sparse, run.binarize))?;
+        run.loss_sum += pool.install(|| trainer.step(n, batch.sparse, run.settings.binarize))?;
         run.next += n;
         self.choice.record(which, t0.elapsed().as_secs_f64(), n);
         Ok(())
@@ -272,29 +307,25 @@ impl Model {
     }
 
     /// The parts of the model a training step changes, set up for the epoch `run` (its lr, Adam
-    /// epsilon and KL weight), with the workspace for batches of its batch size (made anew only
-    /// when that changes), and the pool to run on (`which`: 0 the full pool, 1 the one-thread
-    /// pool where there is one).
+    /// epsilon, KL weight and samples per example), with the workspace for its steps (made anew
+    /// only when their rows change), and the pool to run on (`which`: 0 the full pool, 1 the
+    /// one-thread pool where there is one).
     fn trainer(
         &mut self,
         run: &EpochRun,
         which: usize,
     ) -> Result<(Trainer<'_>, std::sync::Arc<rayon::ThreadPool>)> {
-        let batch_size = run.batch_size;
+        let s = &run.settings;
         let pool = match (&self.solo, which) {
             (Some(solo), 1) => solo.get()?,
             _ => self.pool.get()?,
         };
-        if self.train_ws.as_ref().is_none_or(|ws| ws.cap != batch_size) {
-            self.train_ws = Some(Workspace::new(
-                &self.vae.config,
-                batch_size,
-                true,
-                self.threads(),
-            ));
+        let rows = s.batch_size * s.samples;
+        if self.train_ws.as_ref().is_none_or(|ws| ws.cap != rows) {
+            self.train_ws = Some(Workspace::new(&self.vae.config, rows, true, self.threads()));
         }
         let ws = self.train_ws.as_mut().expect("workspace just made");
-        ws.kl_weight = run.beta;
+        ws.kl_weight = s.beta as f32;
         let trainer = Trainer {
             vae: &mut self.vae,
             grads: &mut self.grads,
@@ -303,59 +334,84 @@ impl Model {
             seed: self.seed,
             epoch: self.epoch,
             cfg: AdamConfig {
-                lr: run.lr,
-                eps: run.adam_eps,
+                lr: s.lr,
+                eps: s.adam_eps,
                 ..AdamConfig::default()
             },
+            samples: s.samples,
+            objective: s.objective,
         };
         Ok((trainer, pool))
     }
 
-    /// A workspace holding batch x (B, D) and noise eps (B, Z), for the checks below.
-    fn batch_with_noise(&self, x: &Dataset, eps: &[f32]) -> Result<Workspace> {
+    /// A workspace holding batch x (B, D) and noise eps (B k, Z), for the checks below.
+    fn batch_with_noise(&self, x: &Dataset, eps: &[f32], k: usize) -> Result<Workspace> {
         self.check_data(x)?;
+        check_samples(k, x.n)?;
         let zdim = self.vae.config.latent_dim;
-        if eps.len() != x.n * zdim {
+        if eps.len() != x.n * k * zdim {
             return Err(VaeError::Input(format!(
-                "eps must have shape ({}, {zdim})",
+                "eps must have shape ({}, {zdim}) for {} rows with k = {k} samples each",
+                x.n * k,
                 x.n
             )));
         }
-        let mut ws = Workspace::new(&self.vae.config, x.n, true, self.threads());
-        x.read_rows(&mut ws.x, 0, x.n);
+        let mut ws = Workspace::new(&self.vae.config, x.n * k, true, self.threads());
+        x.read_rows(&mut ws.x[..x.n * x.d], 0, x.n);
         ws.eps.copy_from_slice(eps);
         Ok(ws)
     }
 
-    /// Loss and gradients for one batch with the given noise and KL weight, without changing
-    /// the model (for tests and checks). x (B, D), eps (B, Z).
-    pub fn loss_and_grads(&self, x: &Dataset, eps: &[f32], beta: f64) -> Result<(f64, Vec<f32>)> {
+    /// Loss and gradients for one batch with the given noise, without changing the model (for
+    /// tests and checks). x (B, D), eps (B k, Z): sample j of row i is eps row i k + j. The
+    /// loss is the one training would take with these settings (`objective` used when k > 1).
+    pub fn loss_and_grads(
+        &self,
+        x: &Dataset,
+        eps: &[f32],
+        beta: f64,
+        k: usize,
+        objective: Objective,
+    ) -> Result<(f64, Vec<f32>)> {
         check_beta(beta)?;
-        let mut ws = self.batch_with_noise(x, eps)?;
+        let mut ws = self.batch_with_noise(x, eps, k)?;
         ws.kl_weight = beta as f32;
         let mut grads = vec![0.0; self.vae.params.len()];
         let vae = &self.vae;
+        let n = x.n;
         let loss = self.install(|| {
-            vae.forward(&mut ws, x.n, x.sparse);
-            let loss = vae.loss(&mut ws, x.n);
-            vae.backward(&mut grads, &mut ws, x.n, FirstWeight::Compute);
-            loss
+            if k == 1 {
+                vae.forward(&mut ws, n, x.sparse);
+                let loss = vae.loss(&mut ws, n);
+                vae.backward(&mut grads, &mut ws, n, FirstWeight::Compute);
+                loss
+            } else {
+                vae.samples_forward(&mut ws, n, k, x.sparse);
+                let loss = vae.samples_loss(&mut ws, n, k, objective);
+                vae.samples_backward(&mut grads, &mut ws, n, k, objective, FirstWeight::Compute);
+                loss
+            }
         })?;
         Ok((loss, grads))
     }
 
-    /// One training step on the given batch and noise, exactly as `run` takes it (for tests);
-    /// returns the batch loss.
+    /// One training step on the given batch and noise (eps (B k, Z)), exactly as `run` takes
+    /// it (for tests); returns the batch loss. Only `lr`, `adam_eps`, `beta`, `samples` and
+    /// `objective` of the settings apply.
     pub fn step_with_noise(
         &mut self,
         x: &Dataset,
         eps: &[f32],
-        lr: f64,
-        adam_eps: f64,
+        settings: EpochSettings,
     ) -> Result<f64> {
-        check_lr(lr)?;
-        check_adam_eps(adam_eps)?;
-        let mut ws = self.batch_with_noise(x, eps)?;
+        let s = EpochSettings {
+            batch_size: x.n.max(1),
+            binarize: false,
+            ..settings
+        }
+        .checked(x.n, self.vae.config.likelihood)?;
+        let mut ws = self.batch_with_noise(x, eps, s.samples)?;
+        ws.kl_weight = s.beta as f32;
         let pool = self.pool.get()?;
         let mut trainer = Trainer {
             vae: &mut self.vae,
@@ -365,10 +421,12 @@ impl Model {
             seed: self.seed,
             epoch: self.epoch,
             cfg: AdamConfig {
-                lr,
-                eps: adam_eps,
+                lr: s.lr,
+                eps: s.adam_eps,
                 ..AdamConfig::default()
             },
+            samples: s.samples,
+            objective: s.objective,
         };
         pool.install(|| trainer.step_with_noise(x.n, x.sparse))
     }
@@ -400,7 +458,12 @@ mod tests {
             let cfg = Config::new(d, vec![24], 3, Activation::Relu).unwrap();
             let mut model = Model::new(cfg, 7, 2).unwrap();
             model.choice = PoolChoice::new(Some(which));
-            let mut run = model.begin_epoch(n, 64, 1e-3, true, 1.0, 1e-8).unwrap();
+            let settings = EpochSettings {
+                batch_size: 64,
+                binarize: true,
+                ..EpochSettings::default()
+            };
+            let mut run = model.begin_epoch(n, settings).unwrap();
             model.run(&data, &mut run, usize::MAX).unwrap();
             model.end_epoch(&run).unwrap();
             model.vae.params

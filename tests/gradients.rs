@@ -17,7 +17,7 @@
 // Layer functions take their dims explicitly, as llm.c's do.
 #![allow(clippy::too_many_arguments)]
 
-use fastvae::config::Likelihood;
+use fastvae::config::{Likelihood, Objective};
 use fastvae::dataset::Domain;
 use fastvae::first_layer::{self, sparse_weight_backward, BatchNonzeros, GradSink};
 use fastvae::layers::{
@@ -398,7 +398,9 @@ fn check_model_with(
     };
     let data = Dataset::with_layout(x, b, d, Some(sparse), "x", 0, domain).unwrap();
     let eps: Vec<f32> = pseudo(b * z, 19).iter().map(|v| 3.0 * v).collect();
-    let (loss, grads) = model.loss_and_grads(&data, &eps, beta).unwrap();
+    let (loss, grads) = model
+        .loss_and_grads(&data, &eps, beta, 1, Objective::Iwae)
+        .unwrap();
     let what = format!(
         "{act:?} hidden {hidden:?} sparse {sparse} on {threads} threads, {likelihood:?}, beta {beta}"
     );
@@ -431,7 +433,10 @@ fn check_model_with(
             at.push(k);
             n.extend(numeric(&mut params, &[k], h, |p| {
                 model.vae.params.copy_from_slice(p);
-                model.loss_and_grads(&data, &eps, beta).unwrap().0
+                model
+                    .loss_and_grads(&data, &eps, beta, 1, Objective::Iwae)
+                    .unwrap()
+                    .0
             }));
             tols.push(atol(loss, h));
         }

@@ -43,6 +43,8 @@ __all__ = [
     "forward",
     "init_weights",
     "loss_and_grads",
+    "loss_and_grads_k",
+    "loss_k",
     "loss_only",
     "weight_names",
 ]
@@ -241,6 +243,162 @@ def loss_and_grads(
         u = f.enc_out[i - 1] if i > 0 else f.x
         dh = _linear_backward(da, u, weights, f"encoder.{i}", grads)
     return f.loss, grads
+
+
+# --------------------------------------------------------------------------------------------
+# k samples per example: the importance-weighted bound and the k-sample ELBO
+# --------------------------------------------------------------------------------------------
+#
+# For x (B, D) and noise eps (B, k, Z): mu, logvar (B, Z) once, z = mu + exp(logvar / 2) eps
+# (B, k, Z), the decoder over all B k samples, nll (B, k) = -log p(x_i | z_ij).
+#
+#   "iwae": log w = -nll + beta (|eps|^2 / 2 - |z|^2 / 2 + sum(logvar) / 2)     (B, k)
+#           loss = sum_i [log k - logsumexp_j log w_ij]
+#   "elbo": loss = sum_i [mean_j nll_ij + beta KL_i]                           (closed-form KL)
+#
+# The backward pass below is the chain rule through these expressions, from dloss/dlog w
+# = -softmax_j(log w) (or dloss/dnll = 1/k), with no shortcut taken from the core's derivation.
+
+
+def _decoder_forward(
+    weights: Weights, z: np.ndarray, activation: str
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    n_hidden = count_hidden(weights)
+    pre: list[np.ndarray] = []
+    out: list[np.ndarray] = []
+    g = z
+    for j in range(n_hidden):
+        a = _linear(g, weights, f"decoder.{j}")
+        g = _act(a, activation)
+        pre.append(a)
+        out.append(g)
+    return pre, out, _linear(g, weights, f"decoder.{n_hidden}")
+
+
+def _nll_rows(weights: Weights, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """-log p(x|z) per row, and nothing else, for the decoder's outputs ``out``."""
+    if "decoder_logvar" in weights:
+        s = np.asarray(weights["decoder_logvar"], dtype=np.float64)
+        terms = 0.5 * math.log(2 * math.pi) + 0.5 * s + 0.5 * (x - out) ** 2 / np.exp(s)
+    else:
+        terms = np.maximum(out, 0.0) - out * x + np.log1p(np.exp(-np.abs(out)))
+    return np.asarray(terms.sum(axis=1))
+
+
+def _k_forward(
+    weights: Weights, x: np.ndarray, eps: np.ndarray, activation: str
+) -> dict[str, object]:
+    x = np.asarray(x, dtype=np.float64)
+    eps = np.asarray(eps, dtype=np.float64)
+    b, k, zd = eps.shape
+    n_hidden = count_hidden(weights)
+    enc_pre, enc_out = [], []
+    h = x
+    for i in range(n_hidden):
+        a = _linear(h, weights, f"encoder.{i}")
+        h = _act(a, activation)
+        enc_pre.append(a)
+        enc_out.append(h)
+    mu = _linear(h, weights, "fc_mu")
+    logvar = _linear(h, weights, "fc_logvar")
+    z = mu[:, None, :] + np.exp(0.5 * logvar)[:, None, :] * eps
+    x_rep = np.repeat(x, k, axis=0)
+    dec_pre, dec_out, out = _decoder_forward(weights, z.reshape(b * k, zd), activation)
+    nll = _nll_rows(weights, x_rep, out).reshape(b, k)
+    return {
+        "x": x, "eps": eps, "enc_pre": enc_pre, "enc_out": enc_out, "mu": mu,
+        "logvar": logvar, "z": z, "x_rep": x_rep, "dec_pre": dec_pre, "dec_out": dec_out,
+        "out": out, "nll": nll,
+    }  # fmt: skip
+
+
+def _k_loss(f: dict[str, object], beta: float, objective: str) -> tuple[float, np.ndarray]:
+    """The batch loss and dloss/dnll (B, k); for "iwae" also returns via the same array the
+    weights the prior terms take (dloss/dlog w = -that array)."""
+    nll = np.asarray(f["nll"])
+    eps, z = np.asarray(f["eps"]), np.asarray(f["z"])
+    mu, logvar = np.asarray(f["mu"]), np.asarray(f["logvar"])
+    k = nll.shape[1]
+    if objective == "iwae":
+        log_w = -nll + beta * (
+            0.5 * np.sum(eps**2, axis=2)
+            - 0.5 * np.sum(z**2, axis=2)
+            + 0.5 * np.sum(logvar, axis=1, keepdims=True)
+        )
+        top = log_w.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(log_w - top).sum(axis=1))
+        soft = np.exp(log_w - lse[:, None])
+        return float(np.sum(math.log(k) - lse)), soft
+    if objective == "elbo":
+        kl = -0.5 * np.sum(1.0 + logvar - mu**2 - np.exp(logvar), axis=1)
+        return float(np.sum(nll.mean(axis=1) + beta * kl)), np.full(nll.shape, 1.0 / k)
+    raise ValueError(f"unknown objective {objective!r}")
+
+
+def loss_k(
+    weights: Weights,
+    x: np.ndarray,
+    eps: np.ndarray,
+    activation: str,
+    beta: float = 1.0,
+    objective: str = "iwae",
+) -> float:
+    """The k-sample batch loss (float64); eps (B, k, Z)."""
+    return _k_loss(_k_forward(weights, x, eps, activation), beta, objective)[0]
+
+
+def loss_and_grads_k(
+    weights: Weights,
+    x: np.ndarray,
+    eps: np.ndarray,
+    activation: str,
+    beta: float = 1.0,
+    objective: str = "iwae",
+) -> tuple[float, dict[str, np.ndarray]]:
+    """The k-sample batch loss and float64 gradients of every weight; eps (B, k, Z)."""
+    f = _k_forward(weights, x, eps, activation)
+    loss, dnll = _k_loss(f, beta, objective)  # dloss/dnll (B, k)
+    eps, z = np.asarray(f["eps"]), np.asarray(f["z"])
+    mu, logvar = np.asarray(f["mu"]), np.asarray(f["logvar"])
+    b, k, zd = eps.shape
+    n_hidden = count_hidden(weights)
+    grads: dict[str, np.ndarray] = {}
+
+    # dloss/d out (B k, D) = dloss/dnll * dnll/d out.
+    out, x_rep = np.asarray(f["out"]), np.asarray(f["x_rep"])
+    row = dnll.reshape(b * k, 1)
+    if "decoder_logvar" in weights:
+        inv_var = np.exp(-np.asarray(weights["decoder_logvar"], dtype=np.float64))
+        resid = out - x_rep
+        d = row * resid * inv_var
+        grads["decoder_logvar"] = np.sum(row * 0.5 * (1.0 - resid**2 * inv_var), axis=0)
+    else:
+        d = row * (_sigmoid(out) - x_rep)
+    dec_pre, dec_out = list(f["dec_pre"]), list(f["dec_out"])  # type: ignore[call-overload]
+    for j in range(n_hidden, -1, -1):
+        u = dec_out[j - 1] if j > 0 else z.reshape(b * k, zd)
+        du = _linear_backward(d, u, weights, f"decoder.{j}", grads)
+        d = du * _act_grad(dec_pre[j - 1], dec_out[j - 1], activation) if j > 0 else du
+    dz = d.reshape(b, k, zd)
+    std = np.exp(0.5 * logvar)
+    if objective == "iwae":
+        # log w depends on z through -beta |z|^2 / 2 and on logvar through beta sum(logvar) / 2.
+        dz = dz + beta * dnll[:, :, None] * z
+        dlogvar_direct = -0.5 * beta * dnll.sum(axis=1, keepdims=True) * np.ones_like(logvar)
+        dmu = dz.sum(axis=1)
+        dlogvar = (dz * eps).sum(axis=1) * 0.5 * std + dlogvar_direct
+    else:
+        dmu = dz.sum(axis=1) + beta * mu
+        dlogvar = (dz * eps).sum(axis=1) * 0.5 * std + beta * 0.5 * (np.exp(logvar) - 1.0)
+    enc_pre, enc_out = list(f["enc_pre"]), list(f["enc_out"])  # type: ignore[call-overload]
+    h = enc_out[-1] if n_hidden else np.asarray(f["x"])
+    dh = _linear_backward(dmu, h, weights, "fc_mu", grads)
+    dh = dh + _linear_backward(dlogvar, h, weights, "fc_logvar", grads)
+    for i in range(n_hidden - 1, -1, -1):
+        da = dh * _act_grad(enc_pre[i], enc_out[i], activation)
+        u = enc_out[i - 1] if i > 0 else np.asarray(f["x"])
+        dh = _linear_backward(da, u, weights, f"encoder.{i}", grads)
+    return loss, grads
 
 
 @dataclass

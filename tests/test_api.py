@@ -53,6 +53,8 @@ def test_init_stores_settings_only() -> None:
         "progress": True,
         "lr_schedule": None,
         "adam_eps": 1e-8,
+        "k": 1,
+        "objective": "iwae",
         "output_bias_from_data": False,
         "seed": 4,
         "threads": 1,

@@ -545,6 +545,8 @@ def test_files_written_before_beta_load_with_its_defaults(
         "patience": None,
         "lr_schedule": None,
         "adam_eps": 1e-8,
+        "k": 1,
+        "objective": "iwae",
     }
     assert back.likelihood == "bernoulli" and not hasattr(back, "best_epoch_")
     without_lr = [{**full_state(v), "history": None} for v in (back, small)]

@@ -262,16 +262,24 @@ def test_train_with_dynamic_binarization(
 
 
 def test_resume_continues_with_the_saved_training_settings(mnist_dir: Path, tmp_path: Path) -> None:
-    # --resume without --binarize, --lr or --batch-size continues as the run was trained.
+    # --resume without --binarize, --lr, --batch-size, --k or --objective continues as the
+    # run was trained.
     common = ["--data", str(mnist_dir), "--hidden-dims", "32", "--latent-dim", "4"]
     common += ["--threads", "2", "--no-progress", "--seed", "1"]
     flags = ["--binarize", "dynamic", "--lr", "0.002", "--batch-size", "256"]
+    flags += ["--k", "3", "--objective", "elbo"]
     out, straight = tmp_path / "run", tmp_path / "straight"
     assert main(["train", *common, "--out", str(out), "--epochs", "1", *flags]) == 0
     assert main(["train", *common, "--out", str(out), "--epochs", "2", "--resume"]) == 0
     assert main(["train", *common, "--out", str(straight), "--epochs", "2", *flags]) == 0
     a, b = VAE.load(out / "model.safetensors"), VAE.load(straight / "model.safetensors")
-    saved = {k: a.fit_params_[k] for k in ("batch_size", "lr", "binarize")}
-    assert saved == {"batch_size": 256, "lr": 0.002, "binarize": "dynamic"}
+    saved = {k: a.fit_params_[k] for k in ("batch_size", "lr", "binarize", "k", "objective")}
+    assert saved == {
+        "batch_size": 256,
+        "lr": 0.002,
+        "binarize": "dynamic",
+        "k": 3,
+        "objective": "elbo",
+    }
     for k, v in b.weights().items():
         np.testing.assert_array_equal(a.weights()[k], v, err_msg=k)

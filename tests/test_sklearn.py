@@ -83,6 +83,8 @@ def test_every_training_setting_is_a_parameter() -> None:
         "progress",
         "lr_schedule",
         "adam_eps",
+        "k",
+        "objective",
         "output_bias_from_data",
         "seed",
         "threads",
@@ -107,6 +109,8 @@ def test_constructor_settings_drive_fit_and_keywords_override_one_call(unit: np.
         "patience": None,
         "lr_schedule": None,
         "adam_eps": 1e-8,
+        "k": 1,
+        "objective": "iwae",
     }
     vae.fit(unit, epochs=1, batch_size=60, beta=1.0, progress=False)
     assert vae.history_["epoch"] == [1, 2, 3] and vae.model_.step == 6 + 2

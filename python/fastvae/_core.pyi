@@ -20,6 +20,8 @@ __all__ = [
     "EVAL_PIECE_ROWS",
     "LOG_LIKELIHOOD_CALL_ROWS",
     "MAX_K",
+    "MAX_STEP_ROWS",
+    "OBJECTIVES",
     "MAX_PARAMS",
     "MAX_LR",
     "MAX_THREADS",
@@ -59,6 +61,10 @@ EVAL_PIECE_ROWS: int
 #: Decoder rows (examples times k) per call for the importance-weighted estimate.
 LOG_LIKELIHOOD_CALL_ROWS: int
 MAX_K: int
+#: Most decoder rows (batch_size times k) one training step may hold.
+MAX_STEP_ROWS: int
+#: The k-sample training objectives' names.
+OBJECTIVES: list[str]
 MAX_PARAMS: int
 MAX_LR: float
 MAX_THREADS: int
@@ -184,10 +190,13 @@ class Model:
         binarize: bool,
         beta: float = 1.0,
         adam_eps: float = 1e-8,
+        k: int = 1,
+        objective: str = "iwae",
     ) -> EpochRun:
         """Start the next epoch over `data`: a Dataset, or a 2-D array the core does not hold
         (memory-mapped), whose batches `run` then gathers one at a time. `beta` weights the KL
-        term of the loss trained on (1: the ELBO); `adam_eps` is Adam's epsilon."""
+        term of the loss trained on (1: the ELBO); `adam_eps` is Adam's epsilon; `k` samples of
+        z per example combine as `objective` says ("iwae" or "elbo") when k > 1."""
     def run(
         self,
         data: Dataset | NDArray[np.float32] | NDArray[np.float64],
@@ -208,18 +217,28 @@ class Model:
     ) -> NDArray[np.float64]:
         """Importance-weighted log-likelihood (k samples) of rows [start, end); float64."""
     def loss_and_grads(
-        self, x: Dataset, eps: NDArray[np.float32] | NDArray[np.float64], beta: float = 1.0
+        self,
+        x: Dataset,
+        eps: NDArray[np.float32] | NDArray[np.float64],
+        beta: float = 1.0,
+        k: int = 1,
+        objective: str = "iwae",
     ) -> tuple[float, dict[str, NDArray[np.float32]]]:
-        """Loss and gradients (weight-named dict) for x with the given noise eps (B, Z), the KL
-        weighted by beta."""
+        """Loss and gradients (weight-named dict) for x (B, D) with the given noise eps (B k, Z),
+        sample j of row i in eps row i k + j; the KL weighted by beta, the k samples combined as
+        `objective` says when k > 1."""
     def step_with_noise(
         self,
         x: Dataset,
         eps: NDArray[np.float32] | NDArray[np.float64],
         lr: float,
         adam_eps: float = 1e-8,
+        beta: float = 1.0,
+        k: int = 1,
+        objective: str = "iwae",
     ) -> float:
-        """One Adam step on x with the given noise; returns the batch loss (sum over rows)."""
+        """One Adam step on x with the given noise (B k, Z); returns the batch loss (sum over
+        rows)."""
     def encode(self, data: Dataset) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """(mu, logvar), each float32 (n, Z)."""
     def decode(self, z: NDArray[np.float32] | NDArray[np.float64]) -> NDArray[np.float32]:

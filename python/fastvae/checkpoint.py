@@ -36,6 +36,8 @@ _ADDED_FIT_PARAMS: dict[str, Any] = {
     "patience": None,
     "lr_schedule": None,
     "adam_eps": 1e-8,
+    "k": 1,
+    "objective": "iwae",
 }
 
 
@@ -152,6 +154,9 @@ def _fit_params(raw: str | None) -> dict[str, Any] | None:
         and _schedule_ok(p.get("lr_schedule"))
         and isinstance(p.get("adam_eps"), float)
         and 0 < p["adam_eps"] <= 1
+        and _is_int(p.get("k"))
+        and p["k"] >= 1
+        and p.get("objective") in ("iwae", "elbo")
     )
     if not ok:
         raise CheckpointError("the file's training settings have an unexpected layout")
@@ -164,6 +169,8 @@ def _fit_params(raw: str | None) -> dict[str, Any] | None:
         "patience",
         "lr_schedule",
         "adam_eps",
+        "k",
+        "objective",
     )
     return {k: float(p[k]) if k == "beta" else p[k] for k in keys}
 

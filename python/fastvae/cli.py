@@ -310,6 +310,21 @@ def _parser() -> argparse.ArgumentParser:
         help="Adam's epsilon (default: 1e-8, or the resumed run's; the IWAE paper used 1e-4)",
     )
     t.add_argument(
+        "--k",
+        type=_positive(int),
+        metavar="K",
+        default=None,
+        help="samples of z per image in each training step (default: 1, the ELBO, or the "
+        "resumed run's); above 1 they combine as --objective says",
+    )
+    t.add_argument(
+        "--objective",
+        choices=_core.OBJECTIVES,
+        default=None,
+        help="how --k > 1 samples combine: 'iwae', the importance-weighted bound (Burda et al.), "
+        "or 'elbo', the ELBO averaged over them (default: iwae, or the resumed run's)",
+    )
+    t.add_argument(
         "--patience",
         type=_positive(int),
         metavar="N",
@@ -839,6 +854,8 @@ def _train(args: argparse.Namespace) -> int:
     kl_warmup = args.kl_warmup if args.kl_warmup is not None else saved.get("kl_warmup")
     lr_schedule = args.lr_schedule if args.lr_schedule is not None else saved.get("lr_schedule")
     adam_eps = args.adam_eps if args.adam_eps is not None else saved.get("adam_eps")
+    k = args.k if args.k is not None else saved.get("k")
+    objective = args.objective if args.objective is not None else saved.get("objective")
     # Dynamic binarization is scored on one fixed Bernoulli draw of the test set.
     x_eval = data.x_val
     if dynamic and x_eval is not None:
@@ -906,6 +923,8 @@ def _train(args: argparse.Namespace) -> int:
             kl_warmup=kl_warmup,
             lr_schedule=lr_schedule,
             adam_eps=adam_eps,
+            k=k,
+            objective=objective,
             on_epoch_end=epoch_done,
         )
     if not hasattr(vae, "epochs_trained_"):

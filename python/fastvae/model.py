@@ -54,6 +54,8 @@ _TRAINING = (
     "progress",
     "lr_schedule",
     "adam_eps",
+    "k",
+    "objective",
 )
 # Every constructor parameter, in the constructor's order.
 _PARAM_NAMES = (*_ARCHITECTURE, *_TRAINING, "output_bias_from_data", "seed", "threads")
@@ -227,6 +229,8 @@ class _Training(NamedTuple):
     progress: bool
     lr_schedule: dict[str, Any] | None
     adam_eps: float
+    k: int
+    objective: str
 
 
 # Inputs beyond this magnitude are far from the unit scale the initial weights and the
@@ -330,6 +334,15 @@ class VAE:
         ``history_["lr"]`` records each epoch's rate. None keeps ``lr``.
     adam_eps : float
         Adam's epsilon (torch's default 1e-8; the IWAE paper used 1e-4).
+    k : int
+        Samples of z per example in each training step. 1 trains the ELBO (with its
+        closed-form KL); above 1 the samples share the encoder's pass and combine as
+        ``objective`` says.
+    objective : {"iwae", "elbo"}
+        How k > 1 samples combine: "iwae" trains the importance-weighted bound of Burda,
+        Grosse & Salakhutdinov, log (1/k) sum_j p(x, z_j) / q(z_j|x) (tighter as k grows),
+        "elbo" the ELBO averaged over the k samples (their "VAE" at k samples). ``beta``
+        weights log p(z) - log q(z|x) in the bound as it weights the KL in the ELBO.
     output_bias_from_data : bool
         When the model is built (its first ``fit``), start the decoder's output bias at the
         data: the logit of each input's mean over x, clipped to [0.001, 0.999], for the
@@ -392,6 +405,8 @@ class VAE:
         progress: bool = True,
         lr_schedule: dict[str, Any] | None = None,
         adam_eps: float = 1e-8,
+        k: int = 1,
+        objective: str = "iwae",
         output_bias_from_data: bool = False,
         seed: int = 0,
         threads: int | None = None,
@@ -412,6 +427,8 @@ class VAE:
         self.progress = progress
         self.lr_schedule = lr_schedule
         self.adam_eps = adam_eps
+        self.k = k
+        self.objective = objective
         self.output_bias_from_data = output_bias_from_data
         self.seed = seed
         self.threads = threads
@@ -617,6 +634,11 @@ class VAE:
         adam_eps = _real("adam_eps", v["adam_eps"])
         if not (math.isfinite(adam_eps) and 0 < adam_eps <= 1):
             raise ConfigError(f"adam_eps must be in (0, 1], got {adam_eps}")
+        # batch_size * k is checked against the data (a batch holds at most every row) in fit.
+        k = _positive_int("k", v["k"], _core.MAX_STEP_ROWS)
+        objective = v["objective"]
+        if objective not in _core.OBJECTIVES:
+            raise ConfigError(f"objective must be one of {_core.OBJECTIVES}, got {objective!r}")
         return _Training(
             epochs,
             batch_size,
@@ -629,6 +651,8 @@ class VAE:
             bool(progress),
             lr_schedule,
             adam_eps,
+            k,
+            objective,
         )
 
     def _adopt(self, model: _core.Model, history: dict[str, list[Any]] | None = None) -> None:
@@ -780,6 +804,8 @@ class VAE:
         binarize: str | None = None,
         lr_schedule: dict[str, Any] | None = None,
         adam_eps: float | None = None,
+        k: int | None = None,
+        objective: str | None = None,
         validation_data: Any = None,
         progress: bool | None = None,
         on_epoch_end: Callable[[VAE], bool | None] | None = None,
@@ -797,10 +823,12 @@ class VAE:
             Gaussian one. A ``numpy.memmap`` is read piece by piece (it may exceed memory).
         y : ignored
             Accepted so the VAE fits in a scikit-learn Pipeline.
-        epochs, batch_size, lr, beta, kl_warmup, patience, binarize, lr_schedule, adam_eps
+        epochs, batch_size, lr, beta, kl_warmup, patience, binarize, lr_schedule, adam_eps, k, \
+        objective
             As the constructor's parameters of the same names.
         validation_data : array of shape (m, input_dim), or a tuple whose first item is one
-            Evaluated after every epoch; its mean negative ELBO goes to
+            Evaluated after every epoch; its mean negative ELBO (for the "iwae" objective at
+            k > 1, its negative k-sample importance-weighted bound) goes to
             ``history_["val_loss"]``, and early stopping watches it. Without it, early stopping
             holds out ``validation_fraction`` of x's rows.
         progress : bool or None
@@ -842,6 +870,8 @@ class VAE:
                 "progress": progress,
                 "lr_schedule": lr_schedule,
                 "adam_eps": adam_eps,
+                "k": k,
+                "objective": objective,
             }
         )
         arch = self._architecture()
@@ -873,6 +903,12 @@ class VAE:
             val_arr = _as_rows(validation_data, "validation_data", arr.shape[1], owner)
         elif s.patience is not None:
             arr, val_arr = self._hold_out(arr, s.validation_fraction, arch.seed)
+        step_rows = min(s.batch_size, arr.shape[0]) * s.k
+        if step_rows > _core.MAX_STEP_ROWS:
+            raise ConfigError(
+                f"batch_size * k must be at most {_core.MAX_STEP_ROWS} (the decoder rows of one "
+                f"step), got {min(s.batch_size, arr.shape[0])} * {s.k}"
+            )
         data = self._core_rows(arr, "x", likelihood)
         val = None
         if val_arr is not None:
@@ -896,6 +932,8 @@ class VAE:
                 "patience": s.patience,
                 "lr_schedule": s.lr_schedule,
                 "adam_eps": s.adam_eps,
+                "k": s.k,
+                "objective": s.objective,
             }
             try:
                 if s.patience is None:
@@ -980,8 +1018,11 @@ class VAE:
         train_loss, seconds = self._train_epoch(model, data, s, lr, weight, progress)
         val_loss = None
         if val is not None:
-            # The true ELBO (the core's elbo has KL weight 1), comparable across epochs.
-            val_loss = float(-self._elbo_rows(model, val, self._EVAL_SEED).mean())
+            # The true bound trained on (KL weight 1), comparable across epochs.
+            if s.k > 1 and s.objective == "iwae":
+                val_loss = float(-self._log_likelihood_rows(model, val, s.k).mean())
+            else:
+                val_loss = float(-self._elbo_rows(model, val, self._EVAL_SEED).mean())
         h = self.history_
         h["epoch"].append(epoch)
         h["train_loss"].append(train_loss)
@@ -1007,7 +1048,14 @@ class VAE:
 
         source = data.arr if isinstance(data, _MappedRows) else data
         run = model.begin_epoch(
-            source, s.batch_size, lr, s.binarize == "dynamic", beta=beta, adam_eps=s.adam_eps
+            source,
+            s.batch_size,
+            lr,
+            s.binarize == "dynamic",
+            beta=beta,
+            adam_eps=s.adam_eps,
+            k=s.k,
+            objective=s.objective,
         )
         per_call = 1
         seconds = 0.0
@@ -1146,19 +1194,31 @@ class VAE:
         with self._lock:
             model = self._fitted()
             data = self._rows(model, x)
-            n = data.shape[0]
-            # A fraction of a second between interrupt checks.
-            step = max(1, _core.LOG_LIKELIHOOD_CALL_ROWS // k)
-            out = np.empty(n, dtype=np.float64)
-            with progress_bar(n, f"log-likelihood (k={k})", progress, "image") as bar:
-                for start in range(0, n, step):
-                    end = min(n, start + step)
-                    if isinstance(data, _MappedRows):
-                        piece = data.read(start, end)
-                        out[start:end] = model.log_likelihood(piece, 0, end - start, k, seed, start)
-                    else:
-                        out[start:end] = model.log_likelihood(data, start, end, k, seed)
-                    bar.update(end - start)
+            with progress_bar(data.shape[0], f"log-likelihood (k={k})", progress, "image") as bar:
+                return self._log_likelihood_rows(model, data, k, seed, bar.update)
+
+    @staticmethod
+    def _log_likelihood_rows(
+        model: _core.Model,
+        data: _core.Dataset | _MappedRows,
+        k: int,
+        seed: int = _EVAL_SEED,
+        done: Callable[[int], Any] | None = None,
+    ) -> NDArray[np.float64]:
+        """The core's k-sample estimate of log p(x) per row, in calls of a fraction of a second
+        (so Ctrl-C answers), `done` told each call's rows."""
+        n = data.shape[0]
+        step = max(1, _core.LOG_LIKELIHOOD_CALL_ROWS // k)
+        out = np.empty(n, dtype=np.float64)
+        for start in range(0, n, step):
+            end = min(n, start + step)
+            if isinstance(data, _MappedRows):
+                piece = data.read(start, end)
+                out[start:end] = model.log_likelihood(piece, 0, end - start, k, seed, start)
+            else:
+                out[start:end] = model.log_likelihood(data, start, end, k, seed)
+            if done is not None:
+                done(end - start)
         return out
 
     def score(self, x: ArrayLike, y: Any = None) -> float:
