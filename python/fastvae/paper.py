@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from . import _core, plots, schedule
+from . import _core, images, plots, schedule
 from ._files import atomic_write
 from .errors import ConfigError
 from .model import VAE
@@ -279,7 +279,7 @@ def run(r: PaperRun) -> dict[str, Any]:
         f"-IWAE bound, k={r.k}" if r.model == "iwae" and r.k > 1 else "-ELBO"
     )
     plots.loss_curve(vae.history_, out / "loss_curve.png", "validation (400)", ylabel)
-    plots.save_figure(_samples_figure(vae, r.seed), out / "samples.png")
+    images.save_png(images.image_grid(vae.sample(64, seed=r.seed), 8, 8), out / "samples.png")
     epochs = int(vae.epochs_trained_)
     result = {
         "model": r.model,
@@ -304,14 +304,6 @@ def run(r: PaperRun) -> dict[str, Any]:
     }
     _write_json(out / "result.json", result)
     return result
-
-
-def _samples_figure(vae: VAE, seed: int) -> Any:
-    """An 8 x 8 grid of the decoder's means for prior draws."""
-    images = vae.sample(64, seed=seed).reshape(8, 8, 28, 28)
-    canvas = images.transpose(0, 2, 1, 3).reshape(8 * 28, 8 * 28)
-    fig, _ = plots._image_figure(np.asarray(canvas, dtype=np.float32), 2)
-    return fig
 
 
 def format_result(result: dict[str, Any]) -> str:

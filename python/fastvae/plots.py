@@ -84,10 +84,12 @@ def loss_curve(
     fig = _figure(6, 4)
     ax = fig.add_subplot()
     epochs = list(history["epoch"])
-    ax.plot(epochs, history["train_loss"], marker="o", label="train")
+    # Markers while they stay apart; long runs are lines.
+    marker = "o" if len(epochs) <= 60 else None
+    ax.plot(epochs, history["train_loss"], marker=marker, label="train")
     val = [(e, v) for e, v in zip(epochs, history["val_loss"], strict=True) if v is not None]
     if val:
-        ax.plot([e for e, _ in val], [v for _, v in val], marker="o", label=val_label)
+        ax.plot([e for e, _ in val], [v for _, v in val], marker=marker, label=val_label)
     ax.set_title("Loss per epoch")
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
