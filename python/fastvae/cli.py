@@ -524,7 +524,82 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_threads(pa)
     pa.set_defaults(func=_paper)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="train many models at once on a Ray cluster (a grid or random search)",
+        description=(
+            "Train one model per point of a grid (values joined by commas, such as "
+            "--latent-dim 2,8,20) or per random draw from ranges (LOW:HIGH, with --samples N), "
+            "each a Ray Tune trial on one thread, reporting its validation loss every epoch and "
+            "checkpointing through Tune. Ray starts on this machine, or joins the cluster at "
+            "--address. Writes OUT/results.csv (one row per trial), OUT/best.safetensors and "
+            'OUT/val_curves.png. Needs Ray: pip install "fastvae[ray]".'
+        ),
+        formatter_class=fmt,
+    )
+    for name, (_, log) in _sweep_settings().items():
+        sw.add_argument(
+            "--" + name.replace("_", "-"),
+            metavar="V,V,..|LOW:HIGH",
+            default=None,
+            help=f"values of {name} to try"
+            + (" (ranges drawn on a log scale)" if log else "")
+            + (" (widths joined by 'x', such as 200x200)" if name == "hidden_dims" else ""),
+        )
+    sw.add_argument("--epochs", type=_positive(int), metavar="N", default=10, help="per trial")
+    sw.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    sw.add_argument(
+        "--samples",
+        type=_positive(int),
+        metavar="N",
+        default=1,
+        help="random draws from the ranges (with a grid: repeats of each point; default 1)",
+    )
+    sw.add_argument("--address", metavar="HOST:PORT", default=None, help="a Ray cluster to join")
+    sw.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo", help="trial scheduler")
+    sw.add_argument(
+        "--trials-per-cpu", type=_positive(int), metavar="N", default=1, help="default 1"
+    )
+    sw.add_argument(
+        "--threads", type=_positive(int), metavar="N", default=1, help="fastvae threads per trial"
+    )
+    sw.add_argument(
+        "--data",
+        metavar="PATH",
+        default=None,
+        help="a folder with the four MNIST .gz files, or a .npy/.npz/.csv file or image folder "
+        "(default: MNIST from $FASTVAE_DATA or a per-user cache)",
+    )
+    sw.add_argument(
+        "--limit", type=_positive(int), metavar="N", default=None, help="use the first N rows"
+    )
+    sw.add_argument(
+        "--val-split",
+        type=_number(float, lambda v: 0 < v < 1, "in (0, 1)"),
+        metavar="F",
+        default=0.1,
+        help="fraction of the rows held out for the validation loss (default 0.1)",
+    )
+    sw.add_argument(
+        "--likelihood", choices=_core.LIKELIHOODS, default="bernoulli", help="default bernoulli"
+    )
+    sw.add_argument(
+        "--max-failures",
+        type=_non_negative_int,
+        metavar="N",
+        default=2,
+        help="restarts of a trial whose worker dies, each from its last checkpoint (default 2)",
+    )
+    sw.add_argument("--resume", action="store_true", help="continue the sweep in --out")
+    sw.set_defaults(func=_sweep)
     return p
+
+
+def _sweep_settings() -> dict[str, tuple[type, bool]]:
+    from .sweep import SETTINGS
+
+    return SETTINGS
 
 
 PICTURES = ("reconstructions.png", "samples.png", "latent_map.png", "interpolations.png")
@@ -1272,6 +1347,106 @@ def _paper(args: argparse.Namespace) -> int:
     print(paper.format_result(result))
     print(f"wrote {out / 'result.json'}, {out / 'loss_curve.png'} and {out / 'samples.png'}")
     return 0
+
+
+def _sweep_values(name: str, text: str, kind: type) -> Any:
+    """'a,b,c' -> a grid list; 'LOW:HIGH' -> a (low, high) range."""
+
+    def one(v: str) -> Any:
+        try:
+            return kind(v) if kind is not str else v
+        except ValueError:
+            flag = "--" + name.replace("_", "-")
+            raise _UsageError(f"{flag}: {v!r} is not a {kind.__name__}") from None
+
+    if ":" in text:
+        lo, _, hi = text.partition(":")
+        return (one(lo.strip()), one(hi.strip()))
+    return [one(v.strip()) for v in text.split(",") if v.strip()]
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from . import sweep
+
+    sweep.require_ray()
+    out = Path(args.out)
+    spec_path = out / "sweep.json"
+    if args.resume:
+        if not spec_path.exists():
+            raise _UsageError(f"{out} holds no sweep to resume (no sweep.json)")
+        saved = json.loads(spec_path.read_text())
+        space = {k: tuple(v) if saved["ranges"].get(k) else v for k, v in saved["space"].items()}
+        for key in ("epochs", "samples", "scheduler", "threads", "trials_per_cpu", "data"):
+            setattr(args, key, saved[key])
+        for key in ("limit", "val_split", "likelihood", "max_failures"):
+            setattr(args, key, saved[key])
+    else:
+        space = {}
+        for name, (kind, _) in sweep.SETTINGS.items():
+            text = getattr(args, name)
+            if text is not None:
+                space[name] = _sweep_values(name, text, kind)
+        sweep.check_space(space)
+    x_train, x_val = _sweep_data(args)
+    fixed: dict[str, Any] = {"likelihood": args.likelihood}
+    spec = sweep.SweepSpec(
+        space=space,
+        epochs=args.epochs,
+        out=out,
+        samples=args.samples,
+        address=args.address,
+        scheduler=args.scheduler,
+        threads=args.threads,
+        trials_per_cpu=args.trials_per_cpu,
+        max_failures=args.max_failures,
+        fixed=fixed,
+    )
+    if not args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {
+            "space": {k: list(v) for k, v in space.items()},
+            "ranges": {k: isinstance(v, tuple) for k, v in space.items()},
+            "epochs": args.epochs,
+            "samples": args.samples,
+            "scheduler": args.scheduler,
+            "threads": args.threads,
+            "trials_per_cpu": args.trials_per_cpu,
+            "data": args.data,
+            "limit": args.limit,
+            "val_split": args.val_split,
+            "likelihood": args.likelihood,
+            "max_failures": args.max_failures,
+        }
+        _write_text(spec_path, json.dumps(record, indent=1) + "\n")
+    rows = sweep.run_sweep(spec, x_train, x_val, resume=args.resume)
+    done = [r for r in rows if r["best_val_loss"] is not None]
+    print(f"{len(rows)} trials, {len(done)} with results; wrote {out / 'results.csv'}")
+    if done:
+        best = min(done, key=lambda r: r["best_val_loss"])
+        settings = ", ".join(f"{k}={best[k]}" for k in space)
+        print(
+            f"best: {settings}: validation loss {best['best_val_loss']:.2f} at epoch "
+            f"{best['best_epoch']}; its weights are in {out / 'best.safetensors'}"
+        )
+    return 0 if len(done) == len(rows) else 1
+
+
+def _sweep_data(args: argparse.Namespace) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """The sweep's (training rows, validation rows): MNIST's training images or the data at
+    --data, the first --limit rows, --val-split of them held out by a fixed seed."""
+    from .datasets import load_data, split_rows
+
+    if args.data is None or _is_mnist(args.data):
+        x = _mnist("train", args.data)[0]
+    else:
+        x = load_data(args.data).x
+    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    if args.limit is not None:
+        x = x[: args.limit]
+    train_rows, val_rows = split_rows(len(x), args.val_split, seed=0)
+    if len(train_rows) == 0:
+        raise _UsageError(f"--val-split {args.val_split} leaves no rows of {len(x)} to train on")
+    return x[train_rows], x[val_rows]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
