@@ -29,6 +29,42 @@ use crate::model::{weight_grads, weights, FirstWeight, Vae, Workspace};
 use rayon::prelude::*;
 
 impl Vae {
+    /// A training step's forward pass and loss (summed over the n rows) on k samples per
+    /// example: the one-sample ELBO path (`forward`, `loss`) for k = 1, else the k-sample one.
+    pub fn step_loss(
+        &self,
+        ws: &mut Workspace,
+        n: usize,
+        sparse: bool,
+        k: usize,
+        objective: Objective,
+    ) -> f64 {
+        if k == 1 {
+            self.forward(ws, n, sparse);
+            self.loss(ws, n)
+        } else {
+            self.samples_forward(ws, n, k, sparse);
+            self.samples_loss(ws, n, k, objective)
+        }
+    }
+
+    /// After `step_loss`: the gradients of that loss, as `backward` or `samples_backward`.
+    pub fn step_backward(
+        &self,
+        grads: &mut [f32],
+        ws: &mut Workspace,
+        n: usize,
+        k: usize,
+        objective: Objective,
+        first: FirstWeight,
+    ) {
+        if k == 1 {
+            self.backward(grads, ws, n, first);
+        } else {
+            self.samples_backward(grads, ws, n, k, objective, first);
+        }
+    }
+
     /// The forward pass of the k-sample objectives for n rows: ws.x (B, D) and ws.eps (B k, Z)
     /// give ws.head (B, 2Z), ws.z (B k, Z), ws.x_rep (B k, D) and the decoder's outputs
     /// (B k, D). The workspace holds at least B k rows.
@@ -96,42 +132,44 @@ impl Vae {
             .zip(ws.z[..rows * zd].par_chunks(k * zd))
             .zip(ws.eps[..rows * zd].par_chunks(k * zd))
             .zip(ws.head[..n * 2 * zd].par_chunks(2 * zd))
-            .for_each(|(((((row_loss, w), nll), z), eps), head)| {
-                let (mu, lv) = head.split_at(zd);
-                match objective {
-                    Objective::Iwae => {
-                        let half_sum_lv = 0.5 * lv.iter().map(|&v| f64::from(v)).sum::<f64>();
-                        let squares =
-                            |v: &[f32]| v.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>();
-                        // The log weights, kept in f64 until normalized.
-                        let log_w: Vec<f64> = (0..k)
-                            .map(|j| {
+            // The log weights, kept in f64 until normalized, in one buffer per task.
+            .for_each_init(
+                Vec::<f64>::new,
+                |log_w, (((((row_loss, w), nll), z), eps), head)| {
+                    let (mu, lv) = head.split_at(zd);
+                    match objective {
+                        Objective::Iwae => {
+                            let half_sum_lv = 0.5 * lv.iter().map(|&v| f64::from(v)).sum::<f64>();
+                            let squares =
+                                |v: &[f32]| v.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>();
+                            log_w.clear();
+                            log_w.extend((0..k).map(|j| {
                                 let (zr, er) =
                                     (&z[j * zd..(j + 1) * zd], &eps[j * zd..(j + 1) * zd]);
                                 let prior_ratio =
                                     0.5 * squares(er) - 0.5 * squares(zr) + half_sum_lv;
                                 -nll[j] + beta * prior_ratio
-                            })
-                            .collect();
-                        let max = log_w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                        let sum: f64 = log_w.iter().map(|&v| (v - max).exp()).sum();
-                        *row_loss = ln_k - (max + sum.ln());
-                        for (wj, &v) in w.iter_mut().zip(&log_w) {
-                            *wj = ((v - max).exp() / sum) as f32;
+                            }));
+                            let max = log_w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                            let sum: f64 = log_w.iter().map(|&v| (v - max).exp()).sum();
+                            *row_loss = ln_k - (max + sum.ln());
+                            for (wj, &v) in w.iter_mut().zip(log_w.iter()) {
+                                *wj = ((v - max).exp() / sum) as f32;
+                            }
+                        }
+                        Objective::Elbo => {
+                            let mut acc = 0.0f32;
+                            for c in 0..zd {
+                                acc += 1.0 + lv[c] - mu[c] * mu[c] - lv[c].exp();
+                            }
+                            let kl = -0.5 * f64::from(acc);
+                            let kl = if beta == 1.0 { kl } else { beta * kl };
+                            *row_loss = nll.iter().sum::<f64>() / k as f64 + kl;
+                            w.fill(1.0 / k as f32);
                         }
                     }
-                    Objective::Elbo => {
-                        let mut acc = 0.0f32;
-                        for c in 0..zd {
-                            acc += 1.0 + lv[c] - mu[c] * mu[c] - lv[c].exp();
-                        }
-                        let kl = -0.5 * f64::from(acc);
-                        let kl = if beta == 1.0 { kl } else { beta * kl };
-                        *row_loss = nll.iter().sum::<f64>() / k as f64 + kl;
-                        w.fill(1.0 / k as f32);
-                    }
-                }
-            });
+                },
+            );
         // In row order, so the sum does not depend on the pool.
         ws.kl[..n].iter().sum()
     }

@@ -71,13 +71,7 @@ impl Trainer<'_> {
             step,
             what,
         };
-        let loss = if k == 1 {
-            vae.forward(ws, n, sparse);
-            vae.loss(ws, n)
-        } else {
-            vae.samples_forward(ws, n, k, sparse);
-            vae.samples_loss(ws, n, k, objective)
-        };
+        let loss = vae.step_loss(ws, n, sparse, k, objective);
         if !loss.is_finite() {
             return Err(nonfinite(format!("the loss is {loss}")));
         }
@@ -87,11 +81,7 @@ impl Trainer<'_> {
         } else {
             FirstWeight::Compute
         };
-        if k == 1 {
-            vae.backward(grads, ws, n, first);
-        } else {
-            vae.samples_backward(grads, ws, n, k, objective, first);
-        }
+        vae.step_backward(grads, ws, n, k, objective, first);
         let kernel = AdamKernel::new(step, *cfg);
         if gradients_finite(vae, grads, ws, n, n * k) {
             let mut from = 0;

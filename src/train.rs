@@ -347,7 +347,6 @@ impl Model {
     /// A workspace holding batch x (B, D) and noise eps (B k, Z), for the checks below.
     fn batch_with_noise(&self, x: &Dataset, eps: &[f32], k: usize) -> Result<Workspace> {
         self.check_data(x)?;
-        check_samples(k, x.n)?;
         let zdim = self.vae.config.latent_dim;
         if eps.len() != x.n * k * zdim {
             return Err(VaeError::Input(format!(
@@ -374,23 +373,16 @@ impl Model {
         objective: Objective,
     ) -> Result<(f64, Vec<f32>)> {
         check_beta(beta)?;
+        check_samples(k, x.n)?;
         let mut ws = self.batch_with_noise(x, eps, k)?;
         ws.kl_weight = beta as f32;
         let mut grads = vec![0.0; self.vae.params.len()];
         let vae = &self.vae;
         let n = x.n;
         let loss = self.install(|| {
-            if k == 1 {
-                vae.forward(&mut ws, n, x.sparse);
-                let loss = vae.loss(&mut ws, n);
-                vae.backward(&mut grads, &mut ws, n, FirstWeight::Compute);
-                loss
-            } else {
-                vae.samples_forward(&mut ws, n, k, x.sparse);
-                let loss = vae.samples_loss(&mut ws, n, k, objective);
-                vae.samples_backward(&mut grads, &mut ws, n, k, objective, FirstWeight::Compute);
-                loss
-            }
+            let loss = vae.step_loss(&mut ws, n, x.sparse, k, objective);
+            vae.step_backward(&mut grads, &mut ws, n, k, objective, FirstWeight::Compute);
+            loss
         })?;
         Ok((loss, grads))
     }

@@ -18,6 +18,7 @@ from .errors import CheckpointError, ConfigError
 __all__ = [
     "HISTORY_KEYS",
     "empty_history",
+    "metrics_lines",
     "feature_names_from_metadata",
     "feature_names_to_metadata",
     "from_metadata",
@@ -44,6 +45,14 @@ _ADDED_FIT_PARAMS: dict[str, Any] = {
 def empty_history() -> dict[str, list[Any]]:
     """A history with every key and no epochs."""
     return {k: [] for k in HISTORY_KEYS}
+
+
+def metrics_lines(history: Mapping[str, list[Any]]) -> str:
+    """``history`` as a metrics.jsonl file: one JSON object per epoch."""
+    keys = ["epoch", "train_loss", "val_loss", "samples_per_sec", "seconds"]
+    keys += [k for k in ("beta", "lr") if k in history]
+    rows = [json.dumps({k: history[k][i] for k in keys}) for i in range(len(history["epoch"]))]
+    return "".join(r + "\n" for r in rows)
 
 
 def to_metadata(

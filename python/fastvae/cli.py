@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 from . import __version__, _core
 from ._files import atomic_write
+from .checkpoint import metrics_lines
 from .errors import DataError, FastVAEError
 
 if TYPE_CHECKING:
@@ -484,8 +485,9 @@ def _parser() -> argparse.ArgumentParser:
         "--k",
         type=_positive(int),
         metavar="K",
-        default=1,
-        help="samples per image in training (the table's column: 1, 5 or 50; default: 1)",
+        default=None,
+        help="samples per image in training (the table's column: 1, 5 or 50; default: 1, or "
+        "the resumed run's)",
     )
     pa.add_argument(
         "--budget",
@@ -608,15 +610,6 @@ MANIFOLD = "manifold.png"
 
 def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def _metrics_lines(history: dict[str, list[Any]]) -> str:
-    keys = ["epoch", "train_loss", "val_loss", "samples_per_sec", "seconds"]
-    keys += [k for k in ("beta", "lr") if k in history]
-    rows = []
-    for i in range(len(history["epoch"])):
-        rows.append(json.dumps({k: history[k][i] for k in keys}))
-    return "".join(r + "\n" for r in rows)
 
 
 def _load_model(path: str, threads: int | None) -> VAE:
@@ -1025,7 +1018,7 @@ def _train(args: argparse.Namespace) -> int:
         nonlocal t0, stopped
         h = vae.history_
         vae.save(model_path)
-        _write_text(out / METRICS_FILE, _metrics_lines(h))
+        _write_text(out / METRICS_FILE, metrics_lines(h))
         val = h["val_loss"][-1]
         val_text = f"  {val_word} loss {val:.2f}" if val is not None else ""
         print(
@@ -1328,7 +1321,7 @@ def _paper(args: argparse.Namespace) -> int:
 
     if args.budget is not None and args.epochs is not None:
         raise _UsageError("give --budget or --epochs, not both")
-    out = Path(args.out or f"paper-{args.model}-k{args.k}")
+    out = Path(args.out or f"paper-{args.model}-k{args.k or 1}")
     result = paper.run(
         paper.PaperRun(
             out=out,

@@ -903,6 +903,8 @@ class VAE:
             val_arr = _as_rows(validation_data, "validation_data", arr.shape[1], owner)
         elif s.patience is not None:
             arr, val_arr = self._hold_out(arr, s.validation_fraction, arch.seed)
+        # The core checks this too, at the first epoch: here it is refused before the model is
+        # built, so a refused fit leaves an unfitted VAE unfitted.
         step_rows = min(s.batch_size, arr.shape[0]) * s.k
         if step_rows > _core.MAX_STEP_ROWS:
             raise ConfigError(

@@ -36,6 +36,7 @@ from numpy.typing import NDArray
 
 from . import _core, images, plots, schedule
 from ._files import atomic_write
+from .checkpoint import metrics_lines
 from .errors import ConfigError
 from .model import VAE
 
@@ -92,7 +93,7 @@ class PaperRun:
 
     out: Path
     model: str  # "vae" or "iwae"
-    k: int
+    k: int | None = None  # None: 1, or a resumed run's
     budget: float | None = None  # seconds of wall time, evaluation included
     epochs: int | None = None
     threads: int | None = None
@@ -137,7 +138,7 @@ def _fixed_draw(x: NDArray[np.float32], seed: int) -> NDArray[np.float32]:
     return binarize(x, seed=seed)
 
 
-def _settings(r: PaperRun) -> dict[str, Any]:
+def _settings(model: str, k: int) -> dict[str, Any]:
     return {
         "hidden_dims": (200, 200),
         "latent_dim": 50,
@@ -148,8 +149,8 @@ def _settings(r: PaperRun) -> dict[str, Any]:
         "adam_eps": 1e-4,
         "binarize": "dynamic",
         "output_bias_from_data": True,
-        "k": r.k,
-        "objective": "iwae" if r.model == "iwae" else "elbo",
+        "k": k,
+        "objective": "iwae" if model == "iwae" else "elbo",
     }
 
 
@@ -181,18 +182,25 @@ def run(r: PaperRun) -> dict[str, Any]:
         if not run_path.exists() or not model_path.exists():
             raise ConfigError(f"{out} holds no run to resume (no run.json and model.safetensors)")
         record = json.loads(run_path.read_text())
+        if r.model != record["model"] or r.k not in (None, record["k"]):
+            raise ConfigError(
+                f"the run in {out} trains {record['model']} with k={record['k']}; it cannot "
+                f"resume as {r.model}" + ("" if r.k is None else f" with k={r.k}")
+            )
+        k = int(record["k"])
         vae = VAE.load(model_path, threads=r.threads)
         vae.set_params(progress=r.progress)
         spent = float(record["train_seconds"])
     else:
-        vae = VAE(**_settings(r), seed=r.seed, threads=r.threads, progress=r.progress)
+        k = 1 if r.k is None else r.k
+        vae = VAE(**_settings(r.model, k), seed=r.seed, threads=r.threads, progress=r.progress)
         record = {
             "model": r.model,
-            "k": r.k,
+            "k": k,
             "budget_seconds": r.budget,
-            "settings": {k: v for k, v in _settings(r).items()},
+            "settings": _settings(r.model, k),
             "seed": r.seed,
-            "threads": vae.model_.threads if hasattr(vae, "model_") else r.threads,
+            "threads": r.threads,
             "test_k": r.test_k,
             "train_images": len(x_train),
             "validation_images": len(x_val),
@@ -204,14 +212,8 @@ def run(r: PaperRun) -> dict[str, Any]:
 
     def save(v: VAE) -> None:
         v.save(model_path)
-        h = v.history_
-        lines = [
-            json.dumps({key: h[key][i] for key in ("epoch", "train_loss", "val_loss", "lr")})
-            for i in range(len(h["epoch"]))
-        ]
-        atomic_write(
-            out / "metrics.jsonl", lambda f: f.write("".join(s + "\n" for s in lines).encode())
-        )
+        text = metrics_lines(v.history_)
+        atomic_write(out / "metrics.jsonl", lambda f: f.write(text.encode("utf-8")))
 
     t_train = time.perf_counter()
     # The first epoch (at the first stage's rate) measures the epoch's cost.
@@ -276,15 +278,15 @@ def run(r: PaperRun) -> dict[str, Any]:
     eval_seconds = time.perf_counter() - t_eval
 
     ylabel = "loss per image (nats): " + (
-        f"-IWAE bound, k={r.k}" if r.model == "iwae" and r.k > 1 else "-ELBO"
+        f"-IWAE bound, k={k}" if r.model == "iwae" and k > 1 else "-ELBO"
     )
     plots.loss_curve(vae.history_, out / "loss_curve.png", "validation (400)", ylabel)
     images.save_png(images.image_grid(vae.sample(64, seed=r.seed), 8, 8), out / "samples.png")
     epochs = int(vae.epochs_trained_)
     result = {
         "model": r.model,
-        "k": r.k,
-        "objective": _settings(r)["objective"],
+        "k": k,
+        "objective": _settings(r.model, k)["objective"],
         "test_nll": nll,
         "test_nll_stderr": sem,
         "test_k": r.test_k,
