@@ -8,6 +8,7 @@ use crate::first_layer::MAX_DENSITY;
 use crate::rng::{binarize as binarize_row, stream, Purpose};
 use crate::simd::{dispatch, LANES};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// The values a data set may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,15 +36,17 @@ impl Dataset {
     /// Checks every value is finite and in [0, 1]; the error names the first bad entry. The
     /// sparse first layer is used when the data are sparse enough.
     pub fn new(data: Vec<f32>, n: usize, d: usize) -> Result<Self> {
-        Self::with_layout(data, n, d, None, "x", 0, Domain::Unit)
+        Self::with_layout(data.into(), n, d, None, "x", 0, Domain::Unit)
     }
 
     /// As `new`, with the first layer's path chosen: `Some(true)` sparse, `Some(false)` dense,
     /// `None` by density. Both give the same results up to float rounding.
     /// `name` is the argument's name in error messages, and `first_row` the index of the
     /// first row there (for a piece of a larger array); `domain` what values are accepted.
+    /// Borrowed `data` are copied only when they cannot be held as 8-bit levels: a caller's
+    /// 8-bit images never take a float32 copy (for MNIST's 60,000 rows, 188 MB not written).
     pub fn with_layout(
-        data: Vec<f32>,
+        data: Cow<'_, [f32]>,
         n: usize,
         d: usize,
         sparse: Option<bool>,
@@ -69,7 +72,16 @@ impl Dataset {
         });
         let values = match Values::levels(&data) {
             Some(levels) => Values::Levels(levels),
-            None => Values::F32(data),
+            None => Values::F32(match data {
+                Cow::Owned(v) => v,
+                Cow::Borrowed(s) => {
+                    let mut v = vec![0.0; s.len()];
+                    v.par_chunks_mut(1 << 16)
+                        .zip(s.par_chunks(1 << 16))
+                        .for_each(|(v, s)| v.copy_from_slice(s));
+                    v
+                }
+            }),
         };
         Ok(Dataset {
             values,

@@ -13,6 +13,7 @@ use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArray
 use pyo3::exceptions::{PyFloatingPointError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 #[global_allocator]
@@ -177,14 +178,22 @@ impl PyDataset {
         domain: &str,
     ) -> PyResult<Self> {
         let domain = parse_domain(domain)?;
+        let build = |data: Cow<'_, [f32]>, n, d| {
+            pool::shared()
+                .install(|| Dataset::with_layout(data, n, d, sparse, name, first_row, domain))
+                .and_then(|r| r)
+        };
+        // A C-contiguous float32 array is read in place, with the GIL held so that no Python
+        // code writes to it meanwhile (the pool's threads do the work and never take the GIL).
+        if let Ok(a) = x.extract::<PyReadonlyArray2<'_, f32>>() {
+            if let (true, Ok(s)) = (a.is_c_contiguous(), a.as_slice()) {
+                let (n, d) = (a.shape()[0], a.shape()[1]);
+                let inner = build(Cow::Borrowed(s), n, d).map_err(to_py)?;
+                return Ok(PyDataset { inner });
+            }
+        }
         let (data, n, d) = array_to_rows(x, name)?;
-        let inner = py
-            .detach(|| {
-                pool::shared()
-                    .install(|| Dataset::with_layout(data, n, d, sparse, name, first_row, domain))
-            })
-            .and_then(|r| r)
-            .map_err(to_py)?;
+        let inner = py.detach(|| build(data.into(), n, d)).map_err(to_py)?;
         Ok(PyDataset { inner })
     }
 
@@ -493,8 +502,9 @@ impl PyModel {
             let domain = model_domain(model);
             py.detach(|| {
                 let name = "x (a gathered batch)";
-                let batch = model
-                    .install(|| Dataset::with_layout(values, n, d, None, name, 0, domain))??;
+                let batch = model.install(|| {
+                    Dataset::with_layout(values.into(), n, d, None, name, 0, domain)
+                })??;
                 model.run_gathered(&batch, epoch)
             })
             .map_err(to_py)?;

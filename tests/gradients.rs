@@ -396,7 +396,7 @@ fn check_model_with(
             Domain::Real
         }
     };
-    let data = Dataset::with_layout(x, b, d, Some(sparse), "x", 0, domain).unwrap();
+    let data = Dataset::with_layout(x.into(), b, d, Some(sparse), "x", 0, domain).unwrap();
     let eps: Vec<f32> = pseudo(b * z, 19).iter().map(|v| 3.0 * v).collect();
     let (loss, grads) = model
         .loss_and_grads(&data, &eps, beta, 1, Objective::Iwae)

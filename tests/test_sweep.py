@@ -83,10 +83,20 @@ def _validation_rows(mnist_dir: Path) -> np.ndarray:
     return x[split_rows(len(x), 0.1, seed=0)[1]]
 
 
+def _pids(out: Path) -> set[int]:
+    """The worker processes that ran the sweep's trials."""
+    pids = set()
+    for result in (out / "tune").glob("*/result.json"):
+        pids |= {json.loads(s)["pid"] for s in result.read_text().splitlines() if s.strip()}
+    return pids
+
+
 def test_sweep_runs_on_both_nodes(cluster: str, mnist_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     t0 = time.perf_counter()
-    assert main(_sweep_args(out, mnist_dir, cluster)) == 0
+    # A worker per trial: these trials last less than a worker's start, so with workers
+    # reused (the default) the first worker up may run them all, on one node.
+    assert main(_sweep_args(out, mnist_dir, cluster, "--no-reuse-workers")) == 0
     print(f"4 trials x 2 epochs on two nodes: {time.perf_counter() - t0:.1f} s")
     rows = _rows(out)
     assert len(rows) == 4
@@ -95,6 +105,7 @@ def test_sweep_runs_on_both_nodes(cluster: str, mnist_dir: Path, tmp_path: Path)
     }
     assert all(r["status"] == "done" and r["epochs"] == "2" for r in rows)
     assert len({r["node_id"] for r in rows}) == 2, "both nodes ran trials"
+    assert len(_pids(out)) == 4
     for r in rows:
         assert Path(r["checkpoint"], "model.safetensors").is_file()
         assert float(r["samples_per_sec"]) > 0
@@ -122,6 +133,55 @@ def test_sweep_under_asha(cluster: str, mnist_dir: Path, tmp_path: Path) -> None
     epochs = sorted(int(r["epochs"]) for r in rows)
     # ASHA (reduction factor 2, grace 1 epoch) stops the worse trials at its rungs.
     assert epochs[-1] == 4 and epochs[0] < 4, epochs
+    # Workers are reused: at most two trials start before one has ended.
+    assert len(_pids(out)) < 4
+
+
+def test_ctrl_c_stops_the_sweep_and_resume_continues_it(
+    cluster: str, mnist_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "interrupted"
+    epochs = 100
+    args = _sweep_args(out, mnist_dir, cluster)
+    args[args.index("--epochs") + 1] = str(epochs)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastvae", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            reports = [
+                json.loads(s)
+                for result in (out / "tune").glob("*/result.json")
+                for s in result.read_text().splitlines()
+                if s.strip()
+            ]
+            if any(r["epoch"] >= 3 for r in reports):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr
+    assert f"fastvae sweep --out {out} --resume" in stderr
+    rows = _rows(out)
+    assert len(rows) == 4 and any(r["status"] == "unfinished" for r in rows)
+
+    assert main(["sweep", "--out", str(out), "--address", cluster, "--resume"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 4
+    assert all(r["status"] == "done" and r["epochs"] == str(epochs) for r in rows)
+    # Every trial went on from where it was: none trained its first epoch twice.
+    for result in (out / "tune").glob("*/result.json"):
+        seen = [json.loads(s)["epoch"] for s in result.read_text().splitlines() if s.strip()]
+        assert seen.count(1) == 1 and seen[-1] == epochs
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint(

@@ -593,6 +593,13 @@ def _parser() -> argparse.ArgumentParser:
         default=2,
         help="restarts of a trial whose worker dies, each from its last checkpoint (default 2)",
     )
+    sw.add_argument(
+        "--reuse-workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run trial after trial in each Ray worker process, instead of a new process per "
+        "trial (default: reuse)",
+    )
     sw.add_argument("--resume", action="store_true", help="continue the sweep in --out")
     sw.set_defaults(func=_sweep)
     return p
@@ -1373,6 +1380,7 @@ def _sweep(args: argparse.Namespace) -> int:
             setattr(args, key, saved[key])
         for key in ("limit", "val_split", "likelihood", "max_failures"):
             setattr(args, key, saved[key])
+        args.reuse_workers = saved.get("reuse_workers", True)
     else:
         space = {}
         for name, (kind, _) in sweep.SETTINGS.items():
@@ -1393,6 +1401,7 @@ def _sweep(args: argparse.Namespace) -> int:
         trials_per_cpu=args.trials_per_cpu,
         max_failures=args.max_failures,
         fixed=fixed,
+        reuse_workers=args.reuse_workers,
     )
     if not args.resume:
         out.mkdir(parents=True, exist_ok=True)
@@ -1409,11 +1418,13 @@ def _sweep(args: argparse.Namespace) -> int:
             "val_split": args.val_split,
             "likelihood": args.likelihood,
             "max_failures": args.max_failures,
+            "reuse_workers": args.reuse_workers,
         }
         _write_text(spec_path, json.dumps(record, indent=1) + "\n")
     rows = sweep.run_sweep(spec, x_train, x_val, resume=args.resume)
     done = [r for r in rows if r["best_val_loss"] is not None]
     print(f"{len(rows)} trials, {len(done)} with results; wrote {out / 'results.csv'}")
+    unfinished = sum(r["status"] == "unfinished" for r in rows)
     if done:
         best = min(done, key=lambda r: r["best_val_loss"])
         settings = ", ".join(f"{k}={best[k]}" for k in space)
@@ -1421,7 +1432,14 @@ def _sweep(args: argparse.Namespace) -> int:
             f"best: {settings}: validation loss {best['best_val_loss']:.2f} at epoch "
             f"{best['best_epoch']}; its weights are in {out / 'best.safetensors'}"
         )
-    return 0 if len(done) == len(rows) else 1
+    if unfinished:
+        print(
+            f"fastvae: the sweep stopped with {unfinished} of {len(rows)} trials unfinished; "
+            f"continue it with: fastvae sweep --out {out} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    return 0 if len(done) == len(rows) and all(r["status"] == "done" for r in rows) else 1
 
 
 def _sweep_data(args: argparse.Namespace) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
