@@ -101,12 +101,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "sweep"
         res = json.loads(run(SWEEP.format(out=str(out), trials=args.trials, **fmt)))
-        rates, busy = [], 0.0
+        rates, busy, inside = [], 0.0, 0.0
         for d in sorted((out / "tune").glob("_trial_*")):
             reports = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
-            r = median_rate([float(x["samples_per_sec"]) for x in reports])
+            epoch_rates = [float(x["samples_per_sec"]) for x in reports]
+            r = median_rate(epoch_rates)
             rates.append(r)
             busy += args.epochs * res["n"] / r
+            # From the trial function's start to its last report: its epochs and what it does
+            # around them (building the model, validation, checkpoints, reports).
+            inside += reports[-1]["time_total_s"] - sum(res["n"] / e for e in epoch_rates)
     slots = min(os.cpu_count() or 1, args.trials)
     while_training = slots * statistics.mean(rates)
     total = args.trials * args.epochs * res["n"] / res["wall"]
@@ -122,7 +126,11 @@ def main() -> None:
         f"  total over the sweep's wall time: {total:,.0f} samples/s, {total / alone:.2f}x one "
         f"trial\n"
         f"  each trial's cost beyond its training epochs: {per_trial:.2f} s "
-        f"(its training: {args.epochs * res['n'] / statistics.median(rates):.1f} s)"
+        f"(its training: {args.epochs * res['n'] / statistics.median(rates):.1f} s), of which\n"
+        f"    inside the trial (first-epoch set-up, per-epoch validation, checkpoint and "
+        f"report): {inside / args.trials:.2f} s\n"
+        f"    outside it (Tune's start and end, starting workers, scheduling; over the "
+        f"trials): {per_trial - inside / args.trials:.2f} s"
     )
 
 

@@ -68,7 +68,8 @@ impl Model {
                     &mut stream(seed, Purpose::EvalNoise, chunk),
                     &mut ws.eps[..n * zdim],
                 );
-                self.vae.forward(&mut ws, n, false);
+                // The first layer skips zero inputs as training does on these data.
+                self.vae.forward(&mut ws, n, data.sparse);
                 self.vae.reconstruction_loss(&mut ws, n, false);
                 let o = &mut out[lo - start..lo - start + n];
                 for (r, v) in o.iter_mut().enumerate() {
@@ -94,7 +95,7 @@ impl Model {
             for lo in (0..data.n).step_by(EVAL_CHUNK) {
                 let n = (data.n - lo).min(EVAL_CHUNK);
                 data.read_rows(&mut ws.x[..n * d], lo, n);
-                self.vae.encode_forward(&mut ws, n, false);
+                self.vae.encode_forward(&mut ws, n, data.sparse);
                 for r in 0..n {
                     let h = &ws.head[r * 2 * zdim..(r + 1) * 2 * zdim];
                     mu[(lo + r) * zdim..(lo + r + 1) * zdim].copy_from_slice(&h[..zdim]);
