@@ -7,9 +7,11 @@ Every trial trains the same model (the canonical one, on MNIST's first --limit t
 images, a tenth held out for validation); only the seed differs, so the trials cost the same
 and the sweep's total can be set against one trial's. In order, one process each:
 
-1. one trial alone, one thread, no Ray (the reference rate);
-2. two such trials at once as plain processes (what two cores give two trials, with no Ray);
-3. `fastvae sweep --seed 0,1,...` on a Ray started locally: Ray's start-up, the sweep's wall
+1. one trial alone, one thread, no Ray (the reference rate), and two such trials at once as
+   plain processes (what the cores give two trials without Ray), --repeats times each,
+   alternating, half before the sweep and half after, medians (a shared host's speed drifts
+   by tens of percent within minutes);
+2. `fastvae sweep --seed 0,1,...` on a Ray started locally: Ray's start-up, the sweep's wall
    time, each trial's samples/s while it trains (from Tune's results), the sweep's total
    samples/s while trials train and over its whole wall time, and what each trial costs beyond
    its training epochs (starting its worker, its per-epoch validation, checkpoint and report).
@@ -77,27 +79,38 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--limit", type=int, default=60000, help="MNIST training images used")
+    p.add_argument("--repeats", type=int, default=4, help="rounds of the reference runs")
+    p.add_argument("--ref-epochs", type=int, default=3, help="epochs of each reference run")
     args = p.parse_args()
     from fastvae import _core
 
     print(f"fastvae {_core.__version__}, ISA {_core.isa_paths()}, {os.cpu_count()} CPUs")
     fmt = {"limit": args.limit, "epochs": args.epochs}
 
-    alone = median_rate(json.loads(run(ALONE.format(seed=0, **fmt))))
-    print(f"one trial alone, 1 thread: {alone:,.0f} samples/s")
+    alones: list[float] = []
+    pairs: list[float] = []
 
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", ALONE.format(seed=s, **fmt)], stdout=subprocess.PIPE, text=True
-        )
-        for s in (1, 2)
-    ]
-    pair = [median_rate(json.loads(pr.communicate()[0].strip().splitlines()[-1])) for pr in procs]
-    print(
-        f"two trials at once, plain processes: {pair[0]:,.0f} + {pair[1]:,.0f} = "
-        f"{sum(pair):,.0f} samples/s, {sum(pair) / alone:.2f}x one trial"
-    )
+    def references(rounds: int) -> None:
+        ref = {**fmt, "epochs": args.ref_epochs}
+        for _ in range(rounds):
+            alones.append(median_rate(json.loads(run(ALONE.format(seed=0, **ref)))))
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", ALONE.format(seed=s, **ref)],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for s in (1, 2)
+            ]
+            pairs.append(
+                sum(
+                    median_rate(json.loads(pr.communicate()[0].strip().splitlines()[-1]))
+                    for pr in procs
+                )
+            )
+            print(f"  one trial alone {alones[-1]:,.0f}, two at once {pairs[-1]:,.0f} samples/s")
 
+    references((args.repeats + 1) // 2)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "sweep"
         res = json.loads(run(SWEEP.format(out=str(out), trials=args.trials, **fmt)))
@@ -111,6 +124,14 @@ def main() -> None:
             # From the trial function's start to its last report: its epochs and what it does
             # around them (building the model, validation, checkpoints, reports).
             inside += reports[-1]["time_total_s"] - sum(res["n"] / e for e in epoch_rates)
+    references(args.repeats // 2)
+    alone, pair = statistics.median(alones), statistics.median(pairs)
+    print(
+        f"one trial alone, 1 thread: median {alone:,.0f} samples/s "
+        f"(min {min(alones):,.0f}, max {max(alones):,.0f})\n"
+        f"two trials at once, plain processes: median {pair:,.0f} samples/s "
+        f"(min {min(pairs):,.0f}, max {max(pairs):,.0f}), {pair / alone:.2f}x one trial"
+    )
     slots = min(os.cpu_count() or 1, args.trials)
     while_training = slots * statistics.mean(rates)
     total = args.trials * args.epochs * res["n"] / res["wall"]
