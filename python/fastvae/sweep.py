@@ -8,7 +8,9 @@ Adam's state (to resume), and the weights of the trial's best epoch so far. The 
 go into Ray's object store once and reach every trial of a node from there, zero-copy.
 
 The same code runs on a laptop (Ray started in-process) and on a cluster (``address``): the
-trials share nothing but the machines.
+trials share nothing but the machines. A Ray worker runs trial after trial (Tune's actor
+reuse), so a trial does not pay for a new process. Ctrl-C stops the sweep with the rows of
+the trials it cut short marked "unfinished"; ``run_sweep(..., resume=True)`` continues it.
 
 Ray is an extra: ``pip install "fastvae[ray]"``.
 """
