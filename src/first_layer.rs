@@ -33,7 +33,9 @@ use std::ops::Range;
 pub const MAX_DENSITY: f64 = 0.5;
 
 /// Outputs per block of the weight gradient: 64 floats are 4 AVX-512 registers, and the
-/// block of dh for 128 rows (32 KB) fits in L1.
+/// block of dh for 128 rows (32 KB) fits in L1. (Blocks of 32 on the AVX2 path, so that its
+/// two accumulators fit AVX2's 16 registers, measured slower in training: twice the passes
+/// over the batch's column lists.)
 const BLOCK: usize = 64;
 
 /// Batch rows per part at most.
@@ -264,8 +266,13 @@ fn sparse_block<const W: usize, const S: usize, const FMA: bool>(
 /// blocks while the rows of wt stream from L2. The weight gradient's column-major order, with
 /// each block of outputs in L1, was slower here (304 us against 206 at B = 128 on two
 /// threads): each nonzero then loads and stores its block of outputs.
+/// `NARROW` sizes the blocks for 16 vector registers (AVX2, and the plain path): at most 12
+/// accumulators of 8 floats, where AVX-512's 25-register blocks would spill to the stack (on
+/// the AVX2 path at B = 128, 2 threads: 202-233 us a batch against 422-485 us with the
+/// AVX-512 blocks; `FASTVAE_ISA=avx2 cargo bench --no-default-features --bench train_step --
+/// "first layer"`).
 #[inline(always)]
-fn sparse_row_generic<const FMA: bool>(
+fn sparse_row_generic<const FMA: bool, const NARROW: bool>(
     out: &mut [f32],
     idx: &[u32],
     val: &[f32],
@@ -274,23 +281,53 @@ fn sparse_row_generic<const FMA: bool>(
 ) {
     let o = out.len();
     let mut c = 0;
-    // Blocks of up to 28 registers (448 columns), widest first: one pass over the row's
-    // nonzeros per block, and a hidden width of 400 in a single pass (measured at B = 128 on
-    // two threads: 151 us, against 157 us for 384 + 16 and 200 us for blocks of 128; choosing
-    // among all 28 widths through one `match` measured slower, 191 us).
-    macro_rules! blocks {
-        ($($width:literal $chains:literal),*) => {
-            $(
-                while o - c >= $width {
-                    let (out, bias) = (&mut out[c..], &bias[c..]);
-                    sparse_block::<$width, $chains, FMA>(out, idx, val, wt, o, c, bias);
-                    c += $width;
-                }
-            )*
-        };
+    macro_rules! block {
+        ($width:literal $chains:literal) => {{
+            let (out, bias) = (&mut out[c..], &bias[c..]);
+            sparse_block::<$width, $chains, FMA>(out, idx, val, wt, o, c, bias);
+            c += $width;
+        }};
     }
-    // Chains: at least 8 registers of accumulators, so the FMAs' latency is hidden.
-    blocks!(448 1, 400 1, 384 1, 320 1, 256 1, 192 1, 128 1, 64 2, 16 8);
+    if NARROW {
+        // The wide path's columns and chains, in blocks of at most 12 registers: every output
+        // sums its nonzeros in the same order on both paths, so they agree bit for bit.
+        let (one, two, eight) = chain_regions(o);
+        // One chain: pieces of equal width, at most 96 (all multiples of 16).
+        while c < one {
+            let left = one - c;
+            match left.div_ceil(left.div_ceil(96)).next_multiple_of(16) {
+                96 => block!(96 1),
+                80 => block!(80 1),
+                64 => block!(64 1),
+                48 => block!(48 1),
+                32 => block!(32 1),
+                _ => block!(16 1),
+            }
+        }
+        while c < two {
+            block!(32 2);
+        }
+        while c < eight {
+            block!(8 8);
+        }
+    } else {
+        // Blocks of up to 28 registers (448 columns), widest first: one pass over the row's
+        // nonzeros per block, and a hidden width of 400 in a single pass (measured at B = 128
+        // on two threads: 151 us, against 157 us for 384 + 16 and 200 us for blocks of 128;
+        // choosing among all 28 widths through one `match` measured slower, 191 us). Chains:
+        // at least 8 registers of accumulators, so the FMAs' latency is hidden.
+        // `chain_regions` follows this list.
+        macro_rules! blocks {
+            ($($width:literal $chains:literal),*) => {
+                $(
+                    while o - c >= $width {
+                        block!($width $chains);
+                    }
+                )*
+            };
+        }
+        blocks!(448 1, 400 1, 384 1, 320 1, 256 1, 192 1, 128 1, 64 2, 16 8);
+    }
     if c < o {
         let tail = &mut out[c..];
         tail.copy_from_slice(&bias[c..]);
@@ -303,7 +340,27 @@ fn sparse_row_generic<const FMA: bool>(
     }
 }
 
-dispatch!(fn sparse_row(out: &mut [f32], idx: &[u32], val: &[f32], wt: &[f32], bias: &[f32]) -> () = sparse_row_generic::<true>, sparse_row_generic::<false>);
+/// Where the wide path's blocks of one, two and eight chains end for O outputs; the rest
+/// (under 16) is summed in order, as one chain.
+fn chain_regions(o: usize) -> (usize, usize, usize) {
+    let mut c = 0;
+    for w in [448, 400, 384, 320, 256, 192, 128] {
+        while o - c >= w {
+            c += w;
+        }
+    }
+    let one = c;
+    while o - c >= 64 {
+        c += 64;
+    }
+    let two = c;
+    while o - c >= 16 {
+        c += 16;
+    }
+    (one, two, c)
+}
+
+dispatch!(fn sparse_row(out: &mut [f32], idx: &[u32], val: &[f32], wt: &[f32], bias: &[f32]) -> () = sparse_row_generic::<true, false>, sparse_row_generic::<true, true>, sparse_row_generic::<false, true>);
 
 fn activate(row: &mut [f32], act: Activation) {
     match act {

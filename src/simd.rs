@@ -16,6 +16,11 @@ macro_rules! dispatch {
     };
     // A second path for CPUs without FMA, where `mul_add` would be a slow library call.
     ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $generic:path, $fallback:path) => {
+        $crate::simd::dispatch!($vis fn $name($($arg: $ty),*) -> $ret = $generic, $generic, $fallback);
+    };
+    // A separate AVX2 path, for kernels whose register blocks are sized to the ISA's register
+    // file (32 AVX-512 registers, 16 AVX2 ones).
+    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $generic:path, $generic_avx2:path, $fallback:path) => {
         $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
@@ -33,7 +38,7 @@ macro_rules! dispatch {
                 /// The CPU must have AVX2 and FMA.
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
-                    $generic($($arg),*)
+                    $generic_avx2($($arg),*)
                 }
                 match $crate::simd::isa() {
                     // SAFETY: `isa` answers Avx512 only when the CPU has every feature
