@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -219,6 +220,20 @@ def test_a_killed_worker_resumes_from_its_checkpoint(
     lines = [json.loads(s) for s in result_file.read_text().splitlines() if s.strip()]
     epochs = [m["epoch"] for m in lines]
     assert epochs[-1] == 40 and min(epochs) == 1 and epochs.count(1) == 1
+
+
+def test_a_cluster_of_several_machines_needs_shared_storage(tmp_path: Path) -> None:
+    from fastvae import sweep
+
+    node = {"NodeManagerAddress": "10.0.0.1", "Alive": True}
+    # Two nodes on one machine (as in these tests), or a dead node elsewhere: no warning.
+    one_machine = [node, dict(node), {"NodeManagerAddress": "10.0.0.2", "Alive": False}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sweep.check_storage(one_machine, tmp_path)
+    two = [node, {"NodeManagerAddress": "10.0.0.2", "Alive": True}]
+    with pytest.warns(UserWarning, match=r"spans 2 machines \(10.0.0.1, 10.0.0.2\).*mounts"):
+        sweep.check_storage(two, tmp_path)
 
 
 def test_bad_input_fails_fast(mnist_dir: Path, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ import shutil
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,15 @@ from ._files import atomic_write
 from .errors import ConfigError, FastVAEError
 from .model import VAE
 
-__all__ = ["SETTINGS", "SweepSpec", "require_ray", "run_sweep", "trainable"]
+__all__ = [
+    "SETTINGS",
+    "SweepSpec",
+    "check_storage",
+    "machines",
+    "require_ray",
+    "run_sweep",
+    "trainable",
+]
 
 # The settings a sweep may vary: VAE constructor settings, each with how a value is read
 # from the command line and whether ranges of it are drawn on a log scale.
@@ -299,6 +308,26 @@ def _connect(address: str | None) -> bool:
     return True
 
 
+def machines(nodes: Sequence[Mapping[str, Any]]) -> set[str]:
+    """The addresses of the machines among Ray's live nodes (``ray.nodes()``)."""
+    return {str(n["NodeManagerAddress"]) for n in nodes if n.get("Alive")}
+
+
+def check_storage(nodes: Sequence[Mapping[str, Any]], out: Path) -> None:
+    """Warn when the cluster spans machines: each trial writes its checkpoints to ``out`` on
+    the machine it runs on (Ray 2.7 and later copy nothing to the head), so ``out`` must be
+    a folder every machine mounts at the same path."""
+    hosts = machines(nodes)
+    if len(hosts) > 1:
+        warnings.warn(
+            f"the Ray cluster spans {len(hosts)} machines ({', '.join(sorted(hosts))}): the "
+            f"trials write their checkpoints to {out} on the machine each runs on, so it must "
+            "be a folder every machine mounts at that path (NFS, say), or results, resumes "
+            "and best.safetensors will miss the other machines' trials",
+            stacklevel=3,
+        )
+
+
 def run_sweep(
     spec: SweepSpec,
     x_train: NDArray[np.floating],
@@ -315,6 +344,7 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     started = _connect(spec.address)
     try:
+        check_storage(require_ray().nodes(), out)
         return _run(spec, out, x_train, x_val, resume)
     finally:
         if started:
