@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -84,12 +85,17 @@ def _validation_rows(mnist_dir: Path) -> np.ndarray:
     return x[split_rows(len(x), 0.1, seed=0)[1]]
 
 
+def _reports(out: Path) -> list[list[dict[str, Any]]]:
+    """Each trial's reports to Tune so far: the lines of its result.json."""
+    return [
+        [json.loads(s) for s in result.read_text().splitlines() if s.strip()]
+        for result in (out / "tune").glob("*/result.json")
+    ]
+
+
 def _pids(out: Path) -> set[int]:
     """The worker processes that ran the sweep's trials."""
-    pids = set()
-    for result in (out / "tune").glob("*/result.json"):
-        pids |= {json.loads(s)["pid"] for s in result.read_text().splitlines() if s.strip()}
-    return pids
+    return {r["pid"] for reports in _reports(out) for r in reports}
 
 
 def test_sweep_runs_on_both_nodes(cluster: str, mnist_dir: Path, tmp_path: Path) -> None:
@@ -154,13 +160,7 @@ def test_ctrl_c_stops_the_sweep_and_resume_continues_it(
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            reports = [
-                json.loads(s)
-                for result in (out / "tune").glob("*/result.json")
-                for s in result.read_text().splitlines()
-                if s.strip()
-            ]
-            if any(r["epoch"] >= 3 for r in reports):
+            if any(r["epoch"] >= 3 for reports in _reports(out) for r in reports):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the sweep ended before it could be interrupted"
@@ -180,8 +180,8 @@ def test_ctrl_c_stops_the_sweep_and_resume_continues_it(
     assert len(rows) == 4
     assert all(r["status"] == "done" and r["epochs"] == str(epochs) for r in rows)
     # Every trial went on from where it was: none trained its first epoch twice.
-    for result in (out / "tune").glob("*/result.json"):
-        seen = [json.loads(s)["epoch"] for s in result.read_text().splitlines() if s.strip()]
+    for reports in _reports(out):
+        seen = [r["epoch"] for r in reports]
         assert seen.count(1) == 1 and seen[-1] == epochs
 
 
@@ -197,8 +197,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(
         killed = None
         deadline = time.monotonic() + 120
         while killed is None and time.monotonic() < deadline and proc.poll() is None:
-            for result in (out / "tune").glob("*/result.json"):
-                lines = [json.loads(s) for s in result.read_text().splitlines() if s.strip()]
+            for lines in _reports(out):
                 if lines and lines[-1]["epoch"] >= 3:
                     killed = lines[-1]
                     os.kill(int(killed["pid"]), signal.SIGKILL)
@@ -216,9 +215,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(
     assert row["status"] == "done" and row["epochs"] == "40"
     assert int(row["restarts"]) >= 1
     # The restarted trial continued from a checkpoint: no epoch was trained from scratch.
-    result_file = next((out / "tune").glob("*/result.json"))
-    lines = [json.loads(s) for s in result_file.read_text().splitlines() if s.strip()]
-    epochs = [m["epoch"] for m in lines]
+    epochs = [m["epoch"] for m in _reports(out)[0]]
     assert epochs[-1] == 40 and min(epochs) == 1 and epochs.count(1) == 1
 
 
