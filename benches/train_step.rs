@@ -8,7 +8,7 @@ use fastvae::first_layer::{self, sparse_weight_backward, BatchNonzeros, GradSink
 use fastvae::layers::{bce_logits_forward_backward, linear_forward};
 use fastvae::matmul::{matmul, Op};
 use fastvae::optim::{adam_step, AdamConfig, AdamKernel, AdamState};
-use fastvae::pool::build as build_pool;
+use fastvae::pool::{build as build_pool, keep_awake};
 use fastvae::Config;
 use fastvae::{Dataset, EpochSettings, Model};
 use std::hint::black_box;
@@ -91,6 +91,8 @@ fn passes(c: &mut Criterion) {
         .map(|(k, &v)| if (k * 7919) % 100 < 81 { 0.0 } else { v })
         .collect();
     let mut cols = BatchNonzeros::default();
+    // Indexed here too, so the cases below run when a filter leaves out the indexing case.
+    pool.install(|| cols.build(&xs, B, 784, 2));
     let wt = pseudo(784 * 400, 10);
     g.bench_function("first layer: index the batch's nonzeros", |bench| {
         bench.iter(|| pool.install(|| cols.build(&xs, B, 784, 2)))
@@ -128,40 +130,58 @@ fn passes(c: &mut Criterion) {
             }
         })
         .collect();
+    // Or a real batch: FASTVAE_BENCH_BATCH names a file of B x 784 little-endian float32
+    // (128 MNIST images, say), for the kernels whose speed depends on where the zeros are.
+    let xm = match std::env::var_os("FASTVAE_BENCH_BATCH") {
+        Some(path) => {
+            let bytes = std::fs::read(path).expect("FASTVAE_BENCH_BATCH is readable");
+            assert_eq!(
+                bytes.len(),
+                B * 784 * 4,
+                "FASTVAE_BENCH_BATCH holds B x 784 float32"
+            );
+            let floats = bytes.chunks_exact(4);
+            floats
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        }
+        None => xm,
+    };
     let mut cols_m = BatchNonzeros::default();
     pool.install(|| cols_m.build(&xm, B, 784, 2));
-    let (mut wt2, mut m2, mut v2) = (wt.clone(), vec![0.0; 784 * 400], vec![0.0; 784 * 400]);
-    g.bench_function(
-        "first layer: sparse weight gradient fused with Adam, MNIST's zeros",
-        |bench| {
-            bench.iter(|| {
-                let cols = cols_m.get().expect("indexed");
-                let sink = GradSink::Adam {
-                    wt: &mut wt2,
-                    m: &mut m2,
-                    v: &mut v2,
-                    kernel: AdamKernel::new(1, AdamConfig::default()),
-                };
-                pool.install(|| sparse_weight_backward(sink, cols, &dh, 784, 400))
+    g.bench_function("first layer: sparse forward, MNIST's zeros", |bench| {
+        bench.iter(|| {
+            let cols = cols_m.get();
+            let relu = fastvae::Activation::Relu;
+            pool.install(|| {
+                first_layer::forward(&mut out, &xm, cols, &wt, &bias, B, 784, 400, relu)
             })
-        },
-    );
-    let (mut wt1, mut m1, mut v1) = (wt.clone(), vec![0.0; 784 * 400], vec![0.0; 784 * 400]);
-    g.bench_function(
-        "first layer: sparse weight gradient fused with Adam",
-        |bench| {
-            bench.iter(|| {
-                let cols = cols.get().expect("indexed");
-                let sink = GradSink::Adam {
-                    wt: &mut wt1,
-                    m: &mut m1,
-                    v: &mut v1,
-                    kernel: AdamKernel::new(1, AdamConfig::default()),
-                };
-                pool.install(|| sparse_weight_backward(sink, cols, &dh, 784, 400))
-            })
-        },
-    );
+        })
+    });
+    // Fused with Adam, as training runs it: on 1 and 2 threads, the pool's workers kept
+    // polling (`keep_awake`) as they are through a training step.
+    for threads in [1, 2] {
+        let pool = build_pool(threads).unwrap();
+        for (zeros, cols) in [("uniform zeros", &cols), ("MNIST's zeros", &cols_m)] {
+            let (mut wt1, mut m1, mut v1) =
+                (wt.clone(), vec![0.0; 784 * 400], vec![0.0; 784 * 400]);
+            let name = format!("first layer: sparse weight gradient fused with Adam, {zeros}");
+            g.bench_function(BenchmarkId::new(name, threads), |bench| {
+                bench.iter(|| {
+                    let cols = cols.get().expect("indexed");
+                    let sink = GradSink::Adam {
+                        wt: &mut wt1,
+                        m: &mut m1,
+                        v: &mut v1,
+                        kernel: AdamKernel::new(1, AdamConfig::default()),
+                    };
+                    pool.install(|| {
+                        keep_awake(|| sparse_weight_backward(sink, cols, &dh, 784, 400))
+                    })
+                })
+            });
+        }
+    }
     g.finish();
 }
 

@@ -6,14 +6,20 @@
 //! gradient dwt = x^T dh sums x[b, i] * dh[b, :] into row i of dwt. The weight is stored
 //! transposed, wt (I, O), so both work on contiguous rows.
 //!
-//! Each batch's nonzeros are indexed once (`BatchNonzeros`), by row and by column, from the
-//! gathered batch while it is in cache; a per-data-set index would be read from memory a
-//! second time per batch, beside the dense rows the loss needs. The forward pass runs by
-//! row, summing a block of outputs in registers while the weight rows stream from L2. The
-//! weight gradient runs by column, in blocks of 64 outputs: the block of dh (rows x 64
-//! floats) stays in L1 and each block of dwt is summed in registers, so the Adam step on
-//! that block of weights can follow at once while it is in cache (`GradSink::Adam`), with no
-//! gradient buffer written or read.
+//! Each batch's nonzeros are indexed once (`BatchNonzeros`), by row and by group of 4
+//! adjacent columns, from the gathered batch while it is in cache; a per-data-set index would
+//! be read from memory a second time per batch, beside the dense rows the loss needs. The
+//! forward pass runs by row, summing a block of outputs in registers while the weight rows
+//! stream from L2. The weight gradient runs by column group, in blocks of up to 96 outputs:
+//! each row of dh a group touches is loaded once for its 4 columns (adjacent pixels are
+//! nonzero in mostly the same images), the block of dh stays in L1, and each block of dwt is
+//! summed in registers, so the Adam step on that block of weights can follow at once while it
+//! is in cache (`GradSink::Adam`), with no gradient buffer written or read.
+//!
+//! The weight gradient sums each output in one chain over its nonzeros in row order (a
+//! group's zero values add exactly nothing), and the forward pass's blocks keep the same
+//! chains on every instruction set, so neither the blocks, the threads nor the instruction
+//! set change a result.
 //!
 //! Sums run in a different order than the dense products, so results agree with them to
 //! float rounding. Dense data (more than `MAX_DENSITY` nonzeros) take the dense products, with
@@ -32,14 +38,14 @@ use std::ops::Range;
 /// Data sets at or below this fraction of nonzeros train through the sparse first layer.
 pub const MAX_DENSITY: f64 = 0.5;
 
-/// Outputs per block of the weight gradient: 64 floats are 4 AVX-512 registers, and the
-/// block of dh for 128 rows (32 KB) fits in L1. (Blocks of 32 on the AVX2 path, so that its
-/// two accumulators fit AVX2's 16 registers, measured slower in training: twice the passes
-/// over the batch's column lists.)
-const BLOCK: usize = 64;
-
 /// Batch rows per part at most.
 const PART_ROWS: usize = 128;
+
+/// Input columns per group of the weight gradient's index. Adjacent pixels are nonzero in
+/// mostly the same images, so a group of 4 of MNIST's has rows for 0.37 of its nonzeros: each
+/// row of dh loaded serves 4 rows of the gradient (1.48 multiply-adds per nonzero, the zeros'
+/// included, against 1 with one column at a time, but 0.37 loads against 1).
+const GROUP: usize = 4;
 
 /// The nonzeros of batch rows [row0, row0 + rows), by row (CSR) and by input column (CSC).
 #[derive(Debug, Default, Clone)]
@@ -50,10 +56,11 @@ struct ColumnPart {
     offsets: Vec<usize>,
     idx: Vec<u32>,
     val: Vec<f32>,
-    /// Column i's nonzeros are entries[starts[i]..starts[i + 1]].
+    /// Column group g's entries are entries[starts[g]..starts[g + 1]].
     starts: Vec<usize>,
-    /// (row in the batch, value), rows ascending within a column.
-    entries: Vec<(u32, f32)>,
+    /// For each row with a nonzero in any of a group's GROUP columns: (row in the batch, its
+    /// values in those columns, 0 where zero), rows ascending within a group.
+    entries: Vec<(u32, [f32; GROUP])>,
 }
 
 impl ColumnPart {
@@ -70,27 +77,44 @@ impl ColumnPart {
             k = compress_row(row, &mut self.idx, &mut self.val, k);
             self.offsets.push(k);
         }
-        // By column, a counting sort: column i's count goes to starts[i + 2]; after the prefix
-        // sums starts[i + 1] is where column i begins, and placing an entry advances it, so it
-        // ends as where column i ends, that is where column i + 1 begins.
+        // By group of columns, a counting sort: group g's count of rows goes to starts[g + 2];
+        // after the prefix sums starts[g + 1] is where group g begins, and placing an entry
+        // advances it, so it ends as where group g ends, that is where group g + 1 begins. A
+        // row's nonzeros come in column order, so those of one group are consecutive.
+        let groups = d.div_ceil(GROUP);
         self.starts.clear();
-        self.starts.resize(d + 2, 0);
-        for &i in &self.idx[..k] {
-            self.starts[i as usize + 2] += 1;
-        }
-        for i in 2..d + 2 {
-            self.starts[i] += self.starts[i - 1];
-        }
-        self.entries.resize(k, (0, 0.0));
+        self.starts.resize(groups + 2, 0);
         for r in 0..self.rows {
-            let span = self.offsets[r]..self.offsets[r + 1];
-            for (&i, &v) in self.idx[span.clone()].iter().zip(&self.val[span]) {
-                let at = &mut self.starts[i as usize + 1];
-                self.entries[*at] = ((self.row0 + r) as u32, v);
-                *at += 1;
+            let mut last = usize::MAX;
+            for &i in &self.idx[self.offsets[r]..self.offsets[r + 1]] {
+                let g = i as usize / GROUP;
+                if g != last {
+                    self.starts[g + 2] += 1;
+                    last = g;
+                }
             }
         }
-        self.starts.truncate(d + 1);
+        for g in 2..groups + 2 {
+            self.starts[g] += self.starts[g - 1];
+        }
+        self.entries.clear();
+        self.entries
+            .resize(self.starts[groups + 1], (0, [0.0; GROUP]));
+        for r in 0..self.rows {
+            let (mut last, mut at) = (usize::MAX, 0);
+            let span = self.offsets[r]..self.offsets[r + 1];
+            for (&i, &v) in self.idx[span.clone()].iter().zip(&self.val[span]) {
+                let g = i as usize / GROUP;
+                if g != last {
+                    at = self.starts[g + 1];
+                    self.starts[g + 1] += 1;
+                    self.entries[at].0 = (self.row0 + r) as u32;
+                    last = g;
+                }
+                self.entries[at].1[i as usize % GROUP] = v;
+            }
+        }
+        self.starts.truncate(groups + 1);
     }
 
     /// Row r's nonzeros, r counted from row0.
@@ -99,8 +123,9 @@ impl ColumnPart {
         (&self.idx[a..b], &self.val[a..b])
     }
 
-    fn column(&self, i: usize) -> &[(u32, f32)] {
-        &self.entries[self.starts[i]..self.starts[i + 1]]
+    /// Column group g's entries.
+    fn group(&self, g: usize) -> &[(u32, [f32; GROUP])] {
+        &self.entries[self.starts[g]..self.starts[g + 1]]
     }
 }
 
@@ -213,8 +238,9 @@ impl BatchNonzeros {
         &self.parts[p]
     }
 
-    fn nnz(&self, i: usize) -> usize {
-        self.parts.iter().map(|p| p.column(i).len()).sum()
+    /// Rows with a nonzero in column group g.
+    fn group_rows(&self, g: usize) -> usize {
+        self.parts.iter().map(|p| p.group(g).len()).sum()
     }
 }
 
@@ -452,108 +478,224 @@ impl GradSink<'_> {
             GradSink::Adam { .. } => 64,
         }
     }
-}
 
-/// The weight gradient of input columns `rows` (B, O) = dh summed over their nonzeros, into
-/// the sink, block of outputs by block.
-#[inline(always)]
-fn weight_grad_generic<const FMA: bool>(
-    sink: &mut GradSink<'_>,
-    cols: &BatchNonzeros,
-    dh: &[f32],
-    o: usize,
-    rows: Range<usize>,
-) {
-    let mut c0 = 0;
-    while c0 < o {
-        let w = BLOCK.min(o - c0);
-        for i in rows.clone() {
-            // Two accumulators, so consecutive nonzeros do not wait on each other's FMA.
-            let (mut a0, mut a1) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
-            for part in &cols.parts {
-                let col = part.column(i);
-                if w == BLOCK {
-                    let src = |b: u32| -> &[f32; BLOCK] {
-                        let at = b as usize * o + c0;
-                        (&dh[at..at + BLOCK]).try_into().expect("BLOCK wide")
-                    };
-                    let mut pairs = col.chunks_exact(2);
-                    for pair in &mut pairs {
-                        let ((b0, v0), (b1, v1)) = (pair[0], pair[1]);
-                        let (s0, s1) = (src(b0), src(b1));
-                        for k in 0..BLOCK {
-                            a0[k] = fmadd::<FMA>(v0, s0[k], a0[k]);
-                            a1[k] = fmadd::<FMA>(v1, s1[k], a1[k]);
-                        }
-                    }
-                    for &(b, v) in pairs.remainder() {
-                        let s = src(b);
-                        for k in 0..BLOCK {
-                            a0[k] = fmadd::<FMA>(v, s[k], a0[k]);
-                        }
-                    }
-                } else {
-                    for &(b, v) in col {
-                        let at = b as usize * o + c0;
-                        a0[..w]
-                            .iter_mut()
-                            .zip(&dh[at..at + w])
-                            .for_each(|(a, &s)| *a = fmadd::<FMA>(v, s, *a));
-                    }
-                }
-            }
-            for k in 0..BLOCK {
-                a0[k] += a1[k];
-            }
-            let at = (i - rows.start) * o + c0;
-            match sink {
-                GradSink::Store(dwt) => dwt[at..at + w].copy_from_slice(&a0[..w]),
-                GradSink::Adam { wt, m, v, kernel } => adam_chunk_generic(
-                    &mut wt[at..at + w],
-                    &a0[..w],
-                    &mut m[at..at + w],
-                    &mut v[at..at + w],
-                    *kernel,
-                ),
-            }
+    /// Row `at / O` of the gradient, from column `at % O` on, is `g`.
+    #[inline(always)]
+    fn put(&mut self, at: usize, g: &[f32]) {
+        let span = at..at + g.len();
+        match self {
+            GradSink::Store(dwt) => dwt[span].copy_from_slice(g),
+            GradSink::Adam { wt, m, v, kernel } => adam_chunk_generic(
+                &mut wt[span.clone()],
+                g,
+                &mut m[span.clone()],
+                &mut v[span],
+                *kernel,
+            ),
         }
-        c0 += w;
     }
 }
 
-dispatch!(fn weight_grad(sink: &mut GradSink<'_>, cols: &BatchNonzeros, dh: &[f32], o: usize, rows: Range<usize>) -> () = weight_grad_generic::<true>, weight_grad_generic::<false>);
+/// Outputs c0..c0 + W of the weight gradient's rows for column groups `groups` (rows
+/// groups.start * GROUP on are the sink's first): GROUP x W sums in registers, each one chain
+/// over the group's rows in order, so every output sums its nonzeros in the same order
+/// whatever the blocks (a zero value adds exactly nothing: dh is finite here, see
+/// `sparse_weight_backward`).
+#[inline(always)]
+fn grad_block<const W: usize, const FMA: bool>(
+    sink: &mut GradSink<'_>,
+    cols: &BatchNonzeros,
+    dh: &[f32],
+    (o, d): (usize, usize),
+    groups: Range<usize>,
+    c0: usize,
+) {
+    const { assert!(GROUP == 4, "one accumulator array per column of a group") };
+    let first = groups.start * GROUP;
+    for g in groups {
+        // Four arrays written out, not an array of four: LLVM then keeps every width's sums
+        // in registers (an array of arrays of 48 or 80 was kept in memory).
+        let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; W], [0.0f32; W], [0.0f32; W], [0.0f32; W]);
+        for part in &cols.parts {
+            for &(b, v) in part.group(g) {
+                let at = b as usize * o + c0;
+                let src: &[f32; W] = dh[at..at + W].try_into().expect("W wide");
+                for k in 0..W {
+                    a0[k] = fmadd::<FMA>(v[0], src[k], a0[k]);
+                    a1[k] = fmadd::<FMA>(v[1], src[k], a1[k]);
+                    a2[k] = fmadd::<FMA>(v[2], src[k], a2[k]);
+                    a3[k] = fmadd::<FMA>(v[3], src[k], a3[k]);
+                }
+            }
+        }
+        for (r, sums) in [a0, a1, a2, a3].iter().enumerate() {
+            let i = g * GROUP + r;
+            if i < d {
+                sink.put((i - first) * o + c0, sums);
+            }
+        }
+    }
+}
 
-/// The input columns in `rows` on `threads` threads, split where the work (nonzeros plus the
+/// `grad_block` at W = 16 for AVX2's 16 registers: 8 sums of 8 outputs, one per column of the
+/// group and half of the block, written as arrays of 8 so that each is one register (arrays
+/// of 16 were vectorized across the columns, with shuffles).
+#[inline(always)]
+fn grad_block_narrow<const FMA: bool>(
+    sink: &mut GradSink<'_>,
+    cols: &BatchNonzeros,
+    dh: &[f32],
+    (o, d): (usize, usize),
+    groups: Range<usize>,
+    c0: usize,
+) {
+    let first = groups.start * GROUP;
+    for g in groups {
+        let z = [0.0f32; 8];
+        let (mut l0, mut h0, mut l1, mut h1) = (z, z, z, z);
+        let (mut l2, mut h2, mut l3, mut h3) = (z, z, z, z);
+        for part in &cols.parts {
+            for &(b, v) in part.group(g) {
+                let at = b as usize * o + c0;
+                let lo: &[f32; 8] = dh[at..at + 8].try_into().expect("8 wide");
+                let hi: &[f32; 8] = dh[at + 8..at + 16].try_into().expect("8 wide");
+                for k in 0..8 {
+                    l0[k] = fmadd::<FMA>(v[0], lo[k], l0[k]);
+                    h0[k] = fmadd::<FMA>(v[0], hi[k], h0[k]);
+                    l1[k] = fmadd::<FMA>(v[1], lo[k], l1[k]);
+                    h1[k] = fmadd::<FMA>(v[1], hi[k], h1[k]);
+                    l2[k] = fmadd::<FMA>(v[2], lo[k], l2[k]);
+                    h2[k] = fmadd::<FMA>(v[2], hi[k], h2[k]);
+                    l3[k] = fmadd::<FMA>(v[3], lo[k], l3[k]);
+                    h3[k] = fmadd::<FMA>(v[3], hi[k], h3[k]);
+                }
+            }
+        }
+        for (r, (lo, hi)) in [(l0, h0), (l1, h1), (l2, h2), (l3, h3)].iter().enumerate() {
+            let i = g * GROUP + r;
+            if i < d {
+                let at = (i - first) * o + c0;
+                sink.put(at, lo);
+                sink.put(at + 8, hi);
+            }
+        }
+    }
+}
+
+/// `grad_block` for the last outputs c0..O, fewer than 16, in the same order.
+#[inline(always)]
+fn grad_ragged<const FMA: bool>(
+    sink: &mut GradSink<'_>,
+    cols: &BatchNonzeros,
+    dh: &[f32],
+    (o, d): (usize, usize),
+    groups: Range<usize>,
+    c0: usize,
+) {
+    let (first, w) = (groups.start * GROUP, o - c0);
+    for g in groups {
+        let mut acc = [[0.0f32; 16]; GROUP];
+        for part in &cols.parts {
+            for &(b, v) in part.group(g) {
+                let src = &dh[b as usize * o + c0..][..w];
+                for r in 0..GROUP {
+                    for k in 0..w {
+                        acc[r][k] = fmadd::<FMA>(v[r], src[k], acc[r][k]);
+                    }
+                }
+            }
+        }
+        for (r, sums) in acc.iter().enumerate() {
+            let i = g * GROUP + r;
+            if i < d {
+                sink.put((i - first) * o + c0, &sums[..w]);
+            }
+        }
+    }
+}
+
+/// The weight gradient's rows for column groups `groups` (B, O) into the sink, in blocks of
+/// outputs of equal width, multiples of 16: at most 96 (6 x GROUP AVX-512 registers of sums),
+/// or 16 with `NARROW` (AVX2's 16 registers hold 2 x GROUP of them). Each block of dh (rows x
+/// width) stays in L1 across the groups, and each block of gradient rows goes to the sink as
+/// soon as it is summed, while it is in cache.
+#[inline(always)]
+fn weight_grad_generic<const FMA: bool, const NARROW: bool>(
+    sink: &mut GradSink<'_>,
+    cols: &BatchNonzeros,
+    dh: &[f32],
+    dims: (usize, usize),
+    groups: Range<usize>,
+) {
+    let o = dims.0;
+    let full = o / 16 * 16;
+    let mut c = 0;
+    while c < full {
+        // Pieces of 16 outputs in this block: 6 at most (1 on AVX2), and not a lone 1 after
+        // a block (4 sums, too few to hide the FMAs' latency).
+        let left = (full - c) / 16;
+        let take = match left {
+            _ if NARROW => 1,
+            7 => 4,
+            0..=6 => left,
+            _ => 6,
+        };
+        let groups = groups.clone();
+        match take {
+            _ if NARROW => grad_block_narrow::<FMA>(sink, cols, dh, dims, groups, c),
+            1 => grad_block::<16, FMA>(sink, cols, dh, dims, groups, c),
+            2 => grad_block::<32, FMA>(sink, cols, dh, dims, groups, c),
+            3 => grad_block::<48, FMA>(sink, cols, dh, dims, groups, c),
+            4 => grad_block::<64, FMA>(sink, cols, dh, dims, groups, c),
+            5 => grad_block::<80, FMA>(sink, cols, dh, dims, groups, c),
+            _ => grad_block::<96, FMA>(sink, cols, dh, dims, groups, c),
+        }
+        c += 16 * take;
+    }
+    if c < o {
+        grad_ragged::<FMA>(sink, cols, dh, dims, groups, c);
+    }
+}
+
+dispatch!(fn weight_grad(sink: &mut GradSink<'_>, cols: &BatchNonzeros, dh: &[f32], dims: (usize, usize), groups: Range<usize>) -> () = weight_grad_generic::<true, false>, weight_grad_generic::<true, true>, weight_grad_generic::<false, true>);
+
+/// The column groups in `groups` on `threads` threads, split where the work (entries plus the
 /// sink's per-row cost) halves.
 fn weight_grad_split(
     mut sink: GradSink<'_>,
     cols: &BatchNonzeros,
     dh: &[f32],
-    o: usize,
-    rows: Range<usize>,
+    dims: (usize, usize),
+    groups: Range<usize>,
     threads: usize,
 ) {
-    if threads <= 1 || rows.len() < 2 {
-        weight_grad(&mut sink, cols, dh, o, rows);
+    if threads <= 1 || groups.len() < 2 {
+        weight_grad(&mut sink, cols, dh, dims, groups);
         return;
     }
     let left = threads / 2;
-    let cost = |i: usize| cols.nnz(i) + sink.row_cost();
-    let total: usize = rows.clone().map(cost).sum();
-    let (mut cut, mut acc) = (rows.start, 0);
-    while cut + 1 < rows.end && acc * threads < total * left {
+    let cost = |g: usize| GROUP * (cols.group_rows(g) + sink.row_cost());
+    let total: usize = groups.clone().map(cost).sum();
+    let (mut cut, mut acc) = (groups.start, 0);
+    while cut + 1 < groups.end && acc * threads < total * left {
         acc += cost(cut);
         cut += 1;
     }
-    let (s0, s1) = sink.split_at((cut - rows.start) * o);
+    let (s0, s1) = sink.split_at((cut - groups.start) * GROUP * dims.0);
     rayon::join(
-        || weight_grad_split(s0, cols, dh, o, rows.start..cut, left),
-        || weight_grad_split(s1, cols, dh, o, cut..rows.end, threads - left),
+        || weight_grad_split(s0, cols, dh, dims, groups.start..cut, left),
+        || weight_grad_split(s1, cols, dh, dims, cut..groups.end, threads - left),
     );
 }
 
 /// The first layer's weight gradient dwt (I, O) = x^T dh from the batch's nonzeros, dh (B, O)
 /// the gradient of its pre-activation, into `sink` (whose slices span all I rows).
+///
+/// A column group's zero values multiply dh too, which adds exactly nothing while dh is
+/// finite (the fused Adam step runs only after `step` bounded it). Where dh is not, a row
+/// that is zero in one column of a group and not in another makes the first column's sum NaN
+/// instead of finite; the other column's sum is not finite either way, so the step fails the
+/// same.
 pub fn sparse_weight_backward(
     sink: GradSink<'_>,
     cols: &BatchNonzeros,
@@ -561,7 +703,8 @@ pub fn sparse_weight_backward(
     i: usize,
     o: usize,
 ) {
-    weight_grad_split(sink, cols, dh, o, 0..i, rayon::current_num_threads());
+    let groups = 0..i.div_ceil(GROUP);
+    weight_grad_split(sink, cols, dh, (o, i), groups, rayon::current_num_threads());
 }
 
 /// dwt (I, O) = x^T dh for x (B, I) and dh (B, O): from the batch's nonzeros when `cols`
@@ -592,6 +735,69 @@ mod tests {
             .zip(b)
             .map(|(p, q)| (p - q).abs())
             .fold(0.0, f32::max)
+    }
+
+    /// The weight gradient from column groups equals, bit for bit, each output summed in one
+    /// chain over its nonzeros in row order, on any number of threads: a group's zero values
+    /// add exactly nothing.
+    #[test]
+    #[cfg_attr(miri, ignore = "slow under Miri; sparse_matches_dense covers the code")]
+    fn weight_gradient_sums_each_output_in_row_order() {
+        let fused = crate::simd::isa() != crate::simd::Isa::Generic;
+        // Widths with a partial last group and ragged last outputs; strokes of nonzeros along
+        // the rows (as in images) and isolated ones.
+        for (n, i, o) in [(64, 50, 70), (130, 31, 400), (7, 9, 16), (128, 784, 100)] {
+            let h = |k: usize, s: u32| {
+                ((k as u32 ^ s).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32
+            };
+            let x: Vec<f32> = (0..n * i)
+                .map(|k| {
+                    let (r, c) = (k / i, k % i);
+                    let stroke = (c + 3 * r) % 11 < 3;
+                    if stroke || h(k, 1) < 0.1 {
+                        h(k, 2) - 0.3
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let dh: Vec<f32> = (0..n * o).map(|k| (h(k, 5) - 0.5) * 1e3).collect();
+            let mut want = vec![0.0f32; i * o];
+            for c in 0..i {
+                for k in 0..o {
+                    let mut acc = 0.0f32;
+                    for r in 0..n {
+                        let v = x[r * i + c];
+                        if v != 0.0 {
+                            acc = if fused {
+                                v.mul_add(dh[r * o + k], acc)
+                            } else {
+                                v * dh[r * o + k] + acc
+                            };
+                        }
+                    }
+                    want[c * o + k] = acc;
+                }
+            }
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = vec![f32::NAN; i * o];
+                pool.install(|| {
+                    let mut cols = BatchNonzeros::default();
+                    cols.build(&x, n, i, threads);
+                    let cols = cols.get().expect("indexed");
+                    sparse_weight_backward(GradSink::Store(&mut got), cols, &dh, i, o);
+                });
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "({n}, {i}, {o}) on {threads} threads");
+            }
+        }
     }
 
     #[test]
