@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -41,7 +42,11 @@ def _ray(*args: str, env: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A two-node Ray cluster on 127.0.0.1, stopped at the end whatever happens; its address."""
+    # Ray 2.60 authenticates with a token and no longer makes one for a new head: this
+    # cluster gets its own, given to its nodes and to this process's clients.
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    if "RAY_AUTH_TOKEN" not in env and not (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     port = _free_port()
     address = f"127.0.0.1:{port}"
@@ -51,8 +56,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "start", "--head", "--port", str(port), "--include-dashboard", "false", *common, env=env
         )
         _ray("start", "--address", address, *common, env=env)
-        os.environ["RAY_AUTH_MODE"] = env["RAY_AUTH_MODE"]
-        yield address
+        saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        for k in saved:
+            if k in env:
+                os.environ[k] = env[k]
+        try:
+            yield address
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
