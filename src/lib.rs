@@ -5,7 +5,7 @@
 //! module, built with the `python` feature.
 //!
 //! Where things are: `config` (shapes, limits, defaults), `params` (where each weight lives),
-//! `matmul` and `amx` (matrix products), `layers` (each layer's forward and backward),
+//! `matmul`, `narrow` and `amx` (matrix products), `layers` (each layer's forward and backward),
 //! `first_layer` (the input layer, sparse or dense, forward and backward), `model` (the VAE's
 //! passes), `optim` (Adam), `step` (one training step), `train` (the model and its epochs),
 //! `infer` (ELBO, encoding, decoding), `eval` (importance-weighted log-likelihood), `dataset`,
@@ -23,6 +23,7 @@ pub mod iwae;
 pub mod layers;
 pub mod matmul;
 pub mod model;
+pub mod narrow;
 pub mod optim;
 pub mod params;
 pub mod pool;

@@ -2,7 +2,8 @@
 //!
 //! `matmul` splits the output along its larger side and runs each part on one thread: on AMX
 //! tiles to float32 rounding (`amx`) when the CPU has them and the product is large enough,
-//! else with the `gemm` crate (measured faster here than gemm's own threading). Each output
+//! by `narrow` when the output has at most 64 columns, else with the `gemm` crate (measured
+//! faster here than gemm's own threading). Each output
 //! element is reduced by one thread in a fixed order, the same whatever the split, so results
 //! are bit-identical from run to run. This is the one module that turns slices into raw
 //! pointers for the kernels: the destination only from `&mut [f32]`, the operands from `&[f32]`.
@@ -10,7 +11,8 @@
 // Products take their dims explicitly, as llm.c's do.
 #![allow(clippy::too_many_arguments)]
 
-use crate::amx;
+use crate::{amx, narrow};
+use std::cell::Cell;
 
 /// How an operand sits in its slice.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -113,18 +115,27 @@ const MIN_PARALLEL_MACS: usize = 1 << 18;
 /// piece and the column it starts at (bias and activation, say).
 pub type Epilogue<'a> = &'a (dyn Fn(&mut [f32], usize) + Sync);
 
+/// Which kernel runs a product's parts: decided once for the whole product, so that every
+/// element is summed the same way whatever the split.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// The `gemm` crate.
+    Gemm,
+    /// AMX tiles (`amx`).
+    Tiles,
+    /// `narrow`, b packed.
+    Narrow,
+}
+
 /// dst (m, n) = a (m, k) b (k, n), split over `parts` threads along the larger output dim;
 /// `col0` is dst's first column within the whole product, for the epilogue.
-///
-/// `tiles`: run on AMX, decided once for the whole product so that every element is summed
-/// the same way whatever the split.
 fn matmul_split(
     dst: Dst,
     a: Src,
     b: Src,
     parts: usize,
     col0: usize,
-    tiles: bool,
+    kernel: Kernel,
     epi: Option<Epilogue<'_>>,
 ) {
     let (m, n) = (dst.rows, dst.cols);
@@ -135,42 +146,46 @@ fn matmul_split(
         // On AMX each part packs its share of the operand it splits and all of the other, so
         // the larger operand is split.
         let (av, bv) = (a.0, b.0);
-        let by_rows = if tiles {
-            m >= 2 * MIN_SPLIT && (m >= n || av.rows * av.cols >= bv.rows * bv.cols)
-        } else {
-            m >= n || (bv.cs == 1 && m >= 2 * MIN_SPLIT)
+        let by_rows = match kernel {
+            Kernel::Tiles => {
+                m >= 2 * MIN_SPLIT && (m >= n || av.rows * av.cols >= bv.rows * bv.cols)
+            }
+            Kernel::Gemm | Kernel::Narrow => m >= n || (bv.cs == 1 && m >= 2 * MIN_SPLIT),
         };
         if by_rows {
             // Split rows at a multiple of 16 (the kernels' register tile), in proportion to parts.
             let cut = ((m * left / parts) / 16 * 16).clamp(16, m - 16);
             rayon::join(
-                || matmul_split(dst.rows(0, cut), a.rows(0, cut), b, left, col0, tiles, epi),
+                || matmul_split(dst.rows(0, cut), a.rows(0, cut), b, left, col0, kernel, epi),
                 || {
                     let (d, a) = (dst.rows(cut, m - cut), a.rows(cut, m - cut));
-                    matmul_split(d, a, b, parts - left, col0, tiles, epi)
+                    matmul_split(d, a, b, parts - left, col0, kernel, epi)
                 },
             );
         } else {
             let cut = ((n * left / parts) / 16 * 16).clamp(16, n - 16);
             rayon::join(
-                || matmul_split(dst.cols(0, cut), a, b.cols(0, cut), left, col0, tiles, epi),
+                || matmul_split(dst.cols(0, cut), a, b.cols(0, cut), left, col0, kernel, epi),
                 || {
                     let (d, b) = (dst.cols(cut, n - cut), b.cols(cut, n - cut));
-                    matmul_split(d, a, b, parts - left, col0 + cut, tiles, epi)
+                    matmul_split(d, a, b, parts - left, col0 + cut, kernel, epi)
                 },
             );
         }
         return;
     }
-    if tiles {
+    match kernel {
         // SAFETY: `matmul_on` made dst, a and b from slices whose lengths it checked against
         // the dims, and splits only narrow them, so every element addressed is inside its
         // slice; this part's elements of dst are touched by no other thread. `use_amx` checked
         // that AMX is on and that the strides suit its packing.
-        unsafe { amx::gemm(dst.ptr, dst.rs, dst.cs, a.0, b.0) };
-    } else {
-        // SAFETY: as above.
-        unsafe { product_on_thread(dst, a, b) };
+        Kernel::Tiles => unsafe { amx::gemm(dst.ptr, dst.rs, dst.cs, a.0, b.0) },
+        // SAFETY: as above; b is `matmul_on`'s packed copy (unit column stride, rows padded
+        // with zeros to whole vectors, cut only at multiples of 16 columns), dst's column
+        // stride is 1 (made by `Dst::from_slice`), and `narrow::takes` held.
+        Kernel::Narrow => unsafe { narrow::gemm(dst.ptr, dst.rs, a.0, b.0) },
+        // SAFETY: as for the tiles.
+        Kernel::Gemm => unsafe { product_on_thread(dst, a, b) },
     }
     if let Some(f) = epi {
         debug_assert_eq!(dst.cs, 1);
@@ -320,8 +335,39 @@ pub fn matmul_on(
         return;
     }
     let d = Dst::from_slice(dst, m, n);
-    let tiles = use_amx(&a, &b);
-    matmul_split(d, a, b, parts.max(1), 0, tiles, epi);
+    if use_amx(&a, &b) {
+        matmul_split(d, a, b, parts.max(1), 0, Kernel::Tiles, epi);
+    } else if narrow::takes(n) {
+        // b (k, n) packed once for all threads, rows padded with zeros to whole vectors. The
+        // buffer is taken from the thread's cell, not borrowed: a product nested in this one's
+        // rayon joins (work stolen while waiting) finds it empty and allocates its own.
+        let width = narrow::packed_width(n);
+        let mut packed = PACKED.take();
+        packed.clear();
+        packed.resize(k * width, 0.0);
+        let bv = b.0;
+        // By 16 rows of b at a time, so that a transposed b is read along its rows and the 16
+        // packed rows written stay in L1.
+        for (p0, rows) in packed.chunks_mut(16 * width).enumerate() {
+            for j in 0..n {
+                for (dp, row) in rows.chunks_exact_mut(width).enumerate() {
+                    let p = (p0 * 16 + dp) as isize;
+                    // SAFETY: (p, j) is inside b, whose slice `Src::from_slice` checked.
+                    row[j] = unsafe { *bv.ptr.offset(p * bv.rs + j as isize * bv.cs) };
+                }
+            }
+        }
+        let b = Src::from_slice(&packed, k, width, Op::Plain).cols(0, n);
+        matmul_split(d, a, b, parts.max(1), 0, Kernel::Narrow, epi);
+        PACKED.set(packed);
+    } else {
+        matmul_split(d, a, b, parts.max(1), 0, Kernel::Gemm, epi);
+    }
+}
+
+thread_local! {
+    /// `matmul_on`'s packed copy of a narrow product's b, kept between products.
+    static PACKED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// Reference product for tests: f64 accumulation, no blocking.
