@@ -267,6 +267,7 @@ pub fn binarize_fixed(x: &mut [f32], d: usize, seed: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::tests::same_bits;
 
     #[test]
     fn levels_hold_8_bit_images_exactly() {
@@ -278,10 +279,7 @@ mod tests {
         assert!(set.is_levels());
         let mut back = vec![f32::NAN; n * d];
         set.read_rows(&mut back, 0, n);
-        assert!(back
-            .iter()
-            .zip(&data)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(same_bits(&back, &data));
         let mut row = vec![f32::NAN; d];
         set.read_rows(&mut row, 2, 1);
         assert_eq!(row, data[2 * d..]);
@@ -293,10 +291,7 @@ mod tests {
             let set = Dataset::new(data.clone(), n, d).unwrap();
             assert!(!set.is_levels());
             set.read_rows(&mut back, 0, n);
-            assert!(back
-                .iter()
-                .zip(&data)
-                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            assert!(same_bits(&back, &data));
         }
     }
 }

@@ -730,6 +730,7 @@ pub fn weight_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::tests::same_bits;
     use crate::optim::{adam_update, AdamConfig};
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -793,11 +794,10 @@ mod tests {
                     let cols = cols.get().expect("indexed");
                     sparse_weight_backward(GradSink::Store(&mut got), cols, &dh, i, o);
                 });
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "({n}, {i}, {o}) on {threads} threads");
+                assert!(
+                    same_bits(&got, &want),
+                    "({n}, {i}, {o}) on {threads} threads"
+                );
             }
         }
     }

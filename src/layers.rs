@@ -460,6 +460,11 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Whether a and b hold the same floats bit for bit (NaNs and signed zeros included).
+    pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
     #[test]
     fn bce_known_values() {
         // l = 0, x = 0.5: log 2; l = 2, x = 1: log(1 + e^-2); l = -3, x = 0: log(1 + e^-3).

@@ -156,7 +156,7 @@ kernel!(avx2, "avx2,fma", __m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_l
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use crate::layers::tests::pseudo;
+    use crate::layers::tests::{pseudo, same_bits};
     use crate::matmul::{matmul_on, Op};
 
     /// a (m, k) b (k, n) as one fused multiply-add chain per output, in k order.
@@ -199,8 +199,7 @@ mod tests {
         let avx512 = avx2 && has!("avx512f");
         for (m, k, n) in SHAPES {
             for a_op in [Op::Plain, Op::Transposed] {
-                let a = pseudo(m * k, 1).iter().map(|x| x - 0.5).collect::<Vec<_>>();
-                let b = pseudo(k * n, 2).iter().map(|x| x - 0.5).collect::<Vec<_>>();
+                let (a, b) = (pseudo(m * k, 1), pseudo(k * n, 2));
                 let want = chain(&a, a_op, &b, m, k, n);
                 let width = packed_width(n);
                 let mut packed = vec![0.0f32; k * width];
@@ -236,11 +235,7 @@ mod tests {
                     // SAFETY: the views address a's and packed's elements, got has m rows of
                     // n, and the CPU has the kernel's instruction set.
                     unsafe { kernel(got.as_mut_ptr(), n as isize, av, bv) };
-                    let same = got
-                        .iter()
-                        .zip(&want)
-                        .all(|(x, y)| x.to_bits() == y.to_bits());
-                    assert!(same, "{name} {m}x{k}x{n} {a_op:?}");
+                    assert!(same_bits(&got, &want), "{name} {m}x{k}x{n} {a_op:?}");
                 }
             }
         }
@@ -281,10 +276,7 @@ mod tests {
                         pool.install(|| {
                             matmul_on(parts, &mut got, &a, a_op, bs, b_op, m, k, n, Some(&epi))
                         });
-                        let same = got
-                            .iter()
-                            .zip(&want)
-                            .all(|(x, y)| x.to_bits() == y.to_bits());
+                        let same = same_bits(&got, &want);
                         assert!(same, "{m}x{k}x{n} {a_op:?} {b_op:?} on {parts}");
                     }
                 }

@@ -461,9 +461,6 @@ mod tests {
             model.vae.params
         };
         let (full, solo) = (train(0), train(1));
-        assert!(full
-            .iter()
-            .zip(&solo)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(crate::layers::tests::same_bits(&full, &solo));
     }
 }

@@ -56,18 +56,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "start", "--head", "--port", str(port), "--include-dashboard", "false", *common, env=env
         )
         _ray("start", "--address", address, *common, env=env)
-        saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-        for k in saved:
-            if k in env:
-                os.environ[k] = env[k]
-        try:
+        # This process's clients (the CLI's ray.init) use the cluster's credentials until
+        # the module ends.
+        with pytest.MonkeyPatch.context() as mp:
+            for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+                if k in env:
+                    mp.setenv(k, env[k])
             yield address
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
