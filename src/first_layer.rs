@@ -61,6 +61,55 @@ struct ColumnPart {
     /// For each row with a nonzero in any of a group's GROUP columns: (row in the batch, its
     /// values in those columns, 0 where zero), rows ascending within a group.
     entries: Vec<(u32, [f32; GROUP])>,
+    /// Per row, one bit per column (words of 64 columns), then one per group of columns.
+    masks: Vec<u64>,
+}
+
+/// The bits of a word of column bits that stand for whole groups: the first of each group
+/// (0x1111...1 for groups of 4).
+const GROUP_HEADS: u64 = {
+    assert!(64 % GROUP == 0, "a word of columns holds whole groups");
+    u64::MAX / ((1 << GROUP) - 1)
+};
+
+/// masks (d.div_ceil(64)): bit GROUP * j of word w set when group 16 w + j of the row has a
+/// nonzero, the other bits clear.
+#[inline(always)]
+fn group_bits_generic(row: &[f32], masks: &mut [u64]) {
+    // Column bits first, 64 at a time (a compare and a mask move per vector once vectorized).
+    let mut chunks = row.chunks_exact(64);
+    for (m, chunk) in masks.iter_mut().zip(&mut chunks) {
+        let chunk: &[f32; 64] = chunk.try_into().expect("64 wide");
+        let mut bits = 0u64;
+        for (j, &v) in chunk.iter().enumerate() {
+            bits |= u64::from(v != 0.0) << j;
+        }
+        *m = bits;
+    }
+    if let Some(m) = masks.get_mut(row.len() / 64) {
+        let rest = chunks.remainder();
+        *m = rest
+            .iter()
+            .enumerate()
+            .fold(0, |bits, (j, &v)| bits | u64::from(v != 0.0) << j);
+    }
+    // Bit GROUP * j of a word is set when any of its group j's bits is.
+    for m in masks.iter_mut() {
+        *m = (1..GROUP).fold(*m, |any, s| any | *m >> s) & GROUP_HEADS;
+    }
+}
+
+dispatch!(fn group_bits(row: &[f32], masks: &mut [u64]) -> () = group_bits_generic);
+
+/// The groups whose head bits are set in word w of a row's mask, ascending.
+fn set_groups(mut heads: u64, w: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (heads != 0).then(|| {
+            let bit = heads.trailing_zeros() as usize;
+            heads &= heads - 1;
+            (w * 64 + bit) / GROUP
+        })
+    })
 }
 
 impl ColumnPart {
@@ -77,21 +126,23 @@ impl ColumnPart {
             k = compress_row(row, &mut self.idx, &mut self.val, k);
             self.offsets.push(k);
         }
-        // By group of columns, a counting sort: group g's count of rows goes to starts[g + 2];
-        // after the prefix sums starts[g + 1] is where group g begins, and placing an entry
-        // advances it, so it ends as where group g ends, that is where group g + 1 begins. A
-        // row's nonzeros come in column order, so those of one group are consecutive.
-        let groups = d.div_ceil(GROUP);
+        // By group of columns, a counting sort over each row's bitmask of groups with a
+        // nonzero (GROUP divides 64, so a word of columns holds whole groups): group g's count
+        // of rows goes to starts[g + 2]; after the prefix sums starts[g + 1] is where group g
+        // begins, and placing an entry advances it, so it ends as where group g ends, that is
+        // where group g + 1 begins. The masks' set bits are visited without a branch per
+        // nonzero, and an entry's values are copied from the dense row.
+        let (groups, words) = (d.div_ceil(GROUP), d.div_ceil(64));
+        self.masks.clear();
+        self.masks.resize(self.rows * words, 0);
+        for (masks, row) in self.masks.chunks_exact_mut(words).zip(x.chunks_exact(d)) {
+            group_bits(row, masks);
+        }
         self.starts.clear();
         self.starts.resize(groups + 2, 0);
-        for r in 0..self.rows {
-            let mut last = usize::MAX;
-            for &i in &self.idx[self.offsets[r]..self.offsets[r + 1]] {
-                let g = i as usize / GROUP;
-                if g != last {
-                    self.starts[g + 2] += 1;
-                    last = g;
-                }
+        for (w, &m) in self.masks.iter().enumerate() {
+            for g in set_groups(m, w % words) {
+                self.starts[g + 2] += 1;
             }
         }
         for g in 2..groups + 2 {
@@ -100,18 +151,33 @@ impl ColumnPart {
         self.entries.clear();
         self.entries
             .resize(self.starts[groups + 1], (0, [0.0; GROUP]));
-        for r in 0..self.rows {
-            let (mut last, mut at) = (usize::MAX, 0);
-            let span = self.offsets[r]..self.offsets[r + 1];
-            for (&i, &v) in self.idx[span.clone()].iter().zip(&self.val[span]) {
-                let g = i as usize / GROUP;
-                if g != last {
-                    at = self.starts[g + 1];
+        for (r, (masks, row)) in self
+            .masks
+            .chunks_exact(words)
+            .zip(x.chunks_exact(d))
+            .enumerate()
+        {
+            for (w, &m) in masks.iter().enumerate() {
+                for g in set_groups(m, w) {
+                    let at = self.starts[g + 1];
                     self.starts[g + 1] += 1;
-                    self.entries[at].0 = (self.row0 + r) as u32;
-                    last = g;
+                    let entry = &mut self.entries[at];
+                    entry.0 = (self.row0 + r) as u32;
+                    // + 0.0 makes a -0.0 the 0.0 that compress_row leaves out. d may end
+                    // inside the last group: its missing columns stay 0.
+                    let c = g * GROUP;
+                    match row.get(c..c + GROUP) {
+                        Some(vals) => {
+                            let vals: &[f32; GROUP] = vals.try_into().expect("GROUP wide");
+                            entry.1 = vals.map(|v| v + 0.0);
+                        }
+                        None => {
+                            for (e, &v) in entry.1.iter_mut().zip(&row[c..]) {
+                                *e = v + 0.0;
+                            }
+                        }
+                    }
                 }
-                self.entries[at].1[i as usize % GROUP] = v;
             }
         }
         self.starts.truncate(groups + 1);
@@ -738,6 +804,47 @@ mod tests {
             .zip(b)
             .map(|(p, q)| (p - q).abs())
             .fold(0.0, f32::max)
+    }
+
+    /// Each group's entries are, in row order, the rows with a nonzero in any of its columns,
+    /// with those columns' values (0.0 for a zero, -0.0 included): against a plain scan of
+    /// every group of every row, for widths that end inside a group and inside a word.
+    #[test]
+    fn column_index_matches_a_plain_scan() {
+        for (n, d, row0) in [(9, 784, 0), (5, 70, 3), (3, 130, 128), (1, 3, 0)] {
+            let x: Vec<f32> = (0..n * d)
+                .map(|k| match (k * 7 + k / 5) % 13 {
+                    0..=3 => (k % 17) as f32 - 8.5,
+                    4 => -0.0,
+                    _ => 0.0,
+                })
+                .collect();
+            let mut part = ColumnPart::default();
+            part.fill(&x, row0..row0 + n, d);
+            let groups = d.div_ceil(GROUP);
+            assert_eq!(part.starts.len(), groups + 1);
+            for g in 0..groups {
+                let mut want = Vec::new();
+                for r in 0..n {
+                    let mut vals = [0.0f32; GROUP];
+                    for (j, v) in vals.iter_mut().enumerate() {
+                        let c = g * GROUP + j;
+                        if c < d && x[r * d + c] != 0.0 {
+                            *v = x[r * d + c];
+                        }
+                    }
+                    if vals.iter().any(|&v| v != 0.0) {
+                        want.push(((row0 + r) as u32, vals));
+                    }
+                }
+                let got = part.group(g);
+                assert_eq!(got.len(), want.len(), "group {g} of ({n}, {d})");
+                for ((gr, gv), (wr, wv)) in got.iter().zip(&want) {
+                    assert_eq!(gr, wr, "group {g} of ({n}, {d})");
+                    assert!(same_bits(gv, wv), "group {g} row {gr} of ({n}, {d})");
+                }
+            }
+        }
     }
 
     /// The weight gradient from column groups equals, bit for bit, each output summed in one
