@@ -65,23 +65,17 @@ impl Dataset {
                 data.len()
             )));
         }
-        let unit = check_domain(&data, d, name, first_row, domain)?;
-        let sparse = sparse.unwrap_or_else(|| {
-            let nnz: usize = data.par_iter().filter(|&&v| v != 0.0).count();
-            nnz as f64 <= MAX_DENSITY * data.len() as f64
-        });
-        let values = match Values::levels(&data) {
-            Some(levels) => Values::Levels(levels),
-            None => Values::F32(match data {
-                Cow::Owned(v) => v,
-                Cow::Borrowed(s) => {
-                    let mut v = vec![0.0; s.len()];
-                    v.par_chunks_mut(1 << 16)
-                        .zip(s.par_chunks(1 << 16))
-                        .for_each(|(v, s)| v.copy_from_slice(s));
-                    v
-                }
-            }),
+        let dense = |nnz: usize| nnz as f64 > MAX_DENSITY * data.len() as f64;
+        // 8-bit levels first: one pass converts, counts the nonzeros and, since every k / 255
+        // is in [0, 1], checks the values for either domain. Other data are checked, then copied.
+        let (values, unit, sparse) = match Values::levels(&data) {
+            Some((levels, nnz)) => (Values::Levels(levels), true, sparse.unwrap_or(!dense(nnz))),
+            None => {
+                let unit = check_domain(&data, d, name, first_row, domain)?;
+                let sparse = sparse
+                    .unwrap_or_else(|| !dense(data.par_iter().filter(|&&v| v != 0.0).count()));
+                (Values::F32(Self::owned(data)), unit, sparse)
+            }
         };
         Ok(Dataset {
             values,
@@ -90,6 +84,20 @@ impl Dataset {
             sparse,
             unit,
         })
+    }
+
+    /// The values as a vector: `data` itself if owned, else a copy.
+    fn owned(data: Cow<'_, [f32]>) -> Vec<f32> {
+        match data {
+            Cow::Owned(v) => v,
+            Cow::Borrowed(s) => {
+                let mut v = vec![0.0; s.len()];
+                v.par_chunks_mut(1 << 16)
+                    .zip(s.par_chunks(1 << 16))
+                    .for_each(|(v, s)| v.copy_from_slice(s));
+                v
+            }
+        }
     }
 
     /// dst (count, d) = rows [first, first + count), as float32.
@@ -190,30 +198,37 @@ enum Values {
 }
 
 impl Values {
-    /// The values as bytes k with k / 255 == value bit for bit, if they all are.
-    fn levels(data: &[f32]) -> Option<Vec<u8>> {
+    /// The values as bytes k with k / 255 == value bit for bit, if they all are, and how many
+    /// are nonzero. Stops at the first piece that is not.
+    fn levels(data: &[f32]) -> Option<(Vec<u8>, usize)> {
         let mut out = vec![0u8; data.len()];
-        let exact = out
-            .par_chunks_mut(1 << 16)
-            .zip(data.par_chunks(1 << 16))
-            .all(|(k, v)| to_levels(k, v));
-        exact.then_some(out)
+        let nnz = out
+            .par_chunks_mut(LEVEL_PIECE)
+            .zip(data.par_chunks(LEVEL_PIECE))
+            .map(|(k, v)| to_levels(k, v).map(|nnz| nnz as usize))
+            .try_reduce(|| 0, |a, b| Some(a + b))?;
+        Some((out, nnz))
     }
 }
 
-/// k = round(v * 255) for each value; true when every k / 255 gives v back bit for bit.
+/// Values per piece of the levels pass: a count of nonzeros within one fits a u32.
+const LEVEL_PIECE: usize = 1 << 16;
+
+/// k = round(v * 255) for each value (at most u32::MAX of them); the number of nonzero k when
+/// every k / 255 gives v back bit for bit, else None.
 #[inline(always)]
-fn to_levels_generic(k: &mut [u8], v: &[f32]) -> bool {
-    let mut ok = true;
+fn to_levels_generic(k: &mut [u8], v: &[f32]) -> Option<u32> {
+    let (mut ok, mut nnz) = (true, 0u32);
     for (k, &v) in k.iter_mut().zip(v) {
         let level = (v * 255.0).round().clamp(0.0, 255.0) as u8;
         ok &= (level as f32 / 255.0).to_bits() == v.to_bits();
+        nnz += u32::from(level != 0);
         *k = level;
     }
-    ok
+    ok.then_some(nnz)
 }
 
-dispatch!(fn to_levels(k: &mut [u8], v: &[f32]) -> bool = to_levels_generic);
+dispatch!(fn to_levels(k: &mut [u8], v: &[f32]) -> Option<u32> = to_levels_generic);
 
 /// dst = k / 255 for each byte k, rounded as float32 division rounds (as numpy's).
 #[inline(always)]
@@ -292,6 +307,37 @@ mod tests {
             assert!(!set.is_levels());
             set.read_rows(&mut back, 0, n);
             assert!(same_bits(&back, &data));
+        }
+    }
+
+    /// The first layer's path follows the share of nonzeros either way a data set is held,
+    /// counted across the levels pass's pieces (a data set of more than one).
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "a data set of several levels pieces is slow under Miri"
+    )]
+    fn path_follows_the_share_of_nonzeros() {
+        let d = 1000;
+        let n = 2 * LEVEL_PIECE / d + 3;
+        for (share, want_sparse) in [(MAX_DENSITY - 0.01, true), (MAX_DENSITY + 0.01, false)] {
+            let data: Vec<f32> = (0..n * d)
+                .map(|i| {
+                    let nonzero = ((i % 100) as f64) < share * 100.0;
+                    if nonzero {
+                        ((i % 255) + 1) as u8 as f32 / 255.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mut off = data.clone();
+            off[n * d - 1] = 0.123_456_7;
+            for (data, levels) in [(data, true), (off, false)] {
+                let set = Dataset::new(data, n, d).unwrap();
+                assert_eq!(set.is_levels(), levels);
+                assert_eq!(set.sparse, want_sparse, "share {share}, levels {levels}");
+            }
         }
     }
 }
