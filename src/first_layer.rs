@@ -28,7 +28,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use crate::config::Activation;
-use crate::layers::{bias_activation, for_rows};
+use crate::layers::{bias_activation, for_row_chunks};
 use crate::matmul::{matmul, matmul_on, product_threads, Op};
 use crate::optim::{adam_chunk_generic, AdamKernel};
 use crate::simd::{dispatch, fmadd};
@@ -304,6 +304,12 @@ impl BatchNonzeros {
         &self.parts[p]
     }
 
+    /// Batch row r's nonzeros.
+    fn row(&self, r: usize) -> (&[u32], &[f32]) {
+        let part = self.part_of(r);
+        part.row(r - part.row0)
+    }
+
     /// Rows with a nonzero in column group g.
     fn group_rows(&self, g: usize) -> usize {
         self.parts.iter().map(|p| p.group(g).len()).sum()
@@ -354,8 +360,14 @@ fn sparse_block<const W: usize, const S: usize, const FMA: bool>(
     out[..W].copy_from_slice(&sum[0]);
 }
 
-/// out (O) = bias + sum over nonzeros of v * wt[i, :], one row, wt (I, O), in register
-/// blocks while the rows of wt stream from L2. The weight gradient's column-major order, with
+/// out (R, O) = bias + sum over each row's nonzeros of v * wt[i, :] for batch rows row0.., wt
+/// (I, O), in register blocks of columns, one block at a time for all R rows: a block's
+/// columns of wt are read from L3 once and then from L2 for the other rows (the AVX2 path's
+/// blocks of 96 columns: 301 KB of wt; rows outside made each row stream all of wt, 1.25 MB,
+/// through L2: 184 against 165 us a batch, medians of 12 interleaved runs, the AVX-512 path
+/// the same, `FASTVAE_BENCH_BATCH` a real MNIST batch). Narrower blocks on the AVX-512 path
+/// (208 + 192 columns) measured slower than one pass of 400: 170 against 136 us.
+/// The weight gradient's column-major order, with
 /// each block of outputs in L1, was slower here (304 us against 206 at B = 128 on two
 /// threads): each nonzero then loads and stores its block of outputs.
 /// `NARROW` sizes the blocks for 16 vector registers (AVX2, and the plain path): at most 12
@@ -364,19 +376,24 @@ fn sparse_block<const W: usize, const S: usize, const FMA: bool>(
 /// AVX-512 blocks; `FASTVAE_ISA=avx2 cargo bench --no-default-features --bench train_step --
 /// "first layer"`).
 #[inline(always)]
-fn sparse_row_generic<const FMA: bool, const NARROW: bool>(
+fn sparse_rows_generic<const FMA: bool, const NARROW: bool>(
     out: &mut [f32],
-    idx: &[u32],
-    val: &[f32],
+    cols: &BatchNonzeros,
+    row0: usize,
     wt: &[f32],
     bias: &[f32],
 ) {
-    let o = out.len();
+    let o = bias.len();
     let mut c = 0;
+    // Blocks outside, rows inside: each block's columns of wt (I x width) serve every row of
+    // the part while they are in L2.
     macro_rules! block {
         ($width:literal $chains:literal) => {{
-            let (out, bias) = (&mut out[c..], &bias[c..]);
-            sparse_block::<$width, $chains, FMA>(out, idx, val, wt, o, c, bias);
+            for (r, out) in out.chunks_exact_mut(o).enumerate() {
+                let (idx, val) = cols.row(row0 + r);
+                let (out, bias) = (&mut out[c..], &bias[c..]);
+                sparse_block::<$width, $chains, FMA>(out, idx, val, wt, o, c, bias);
+            }
             c += $width;
         }};
     }
@@ -421,13 +438,16 @@ fn sparse_row_generic<const FMA: bool, const NARROW: bool>(
         blocks!(448 1, 400 1, 384 1, 320 1, 256 1, 192 1, 128 1, 64 2, 16 8);
     }
     if c < o {
-        let tail = &mut out[c..];
-        tail.copy_from_slice(&bias[c..]);
-        for (&i, &v) in idx.iter().zip(val) {
-            let i = i as usize;
-            tail.iter_mut()
-                .zip(&wt[i * o + c..(i + 1) * o])
-                .for_each(|(a, &r)| *a = fmadd::<FMA>(v, r, *a));
+        for (r, out) in out.chunks_exact_mut(o).enumerate() {
+            let (idx, val) = cols.row(row0 + r);
+            let tail = &mut out[c..];
+            tail.copy_from_slice(&bias[c..]);
+            for (&i, &v) in idx.iter().zip(val) {
+                let i = i as usize;
+                tail.iter_mut()
+                    .zip(&wt[i * o + c..(i + 1) * o])
+                    .for_each(|(a, &r)| *a = fmadd::<FMA>(v, r, *a));
+            }
         }
     }
 }
@@ -452,7 +472,7 @@ fn chain_regions(o: usize) -> (usize, usize, usize) {
     (one, two, c)
 }
 
-dispatch!(fn sparse_row(out: &mut [f32], idx: &[u32], val: &[f32], wt: &[f32], bias: &[f32]) -> () = sparse_row_generic::<true, false>, sparse_row_generic::<true, true>, sparse_row_generic::<false, true>);
+dispatch!(fn sparse_rows(out: &mut [f32], cols: &BatchNonzeros, row0: usize, wt: &[f32], bias: &[f32]) -> () = sparse_rows_generic::<true, false>, sparse_rows_generic::<true, true>, sparse_rows_generic::<false, true>);
 
 fn activate(row: &mut [f32], act: Activation) {
     match act {
@@ -477,11 +497,9 @@ pub fn forward(
     match cols {
         // By rows: split by columns instead, each thread would read only its columns of wt,
         // but every nonzero twice over (measured slower: 247 us against 200 at B = 128).
-        Some(cols) => for_rows(&mut out[..b * o], o, |r, row| {
-            let part = cols.part_of(r);
-            let (idx, val) = part.row(r - part.row0);
-            sparse_row(row, idx, val, wt, bias);
-            activate(row, act);
+        Some(cols) => for_row_chunks(&mut out[..b * o], o, |r0, rows| {
+            sparse_rows(rows, cols, r0, wt, bias);
+            rows.chunks_exact_mut(o).for_each(|row| activate(row, act));
         }),
         None => {
             let epi = |row: &mut [f32], c0: usize| {

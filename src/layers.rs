@@ -23,17 +23,23 @@ fn rows_per_task(rows: usize, width: usize) -> usize {
 
 /// Apply `f(row_index, row)` to each `width`-wide row of `buf`, in parallel.
 pub fn for_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    for_row_chunks(buf, width, |r0, rows| {
+        for (r, row) in rows.chunks_exact_mut(width).enumerate() {
+            f(r0 + r, row);
+        }
+    });
+}
+
+/// Apply `f(first_row_index, rows)` to pieces of whole `width`-wide rows of `buf`, in
+/// parallel, one piece per task.
+pub fn for_row_chunks(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     if buf.is_empty() {
         return;
     }
     let chunk = rows_per_task(buf.len() / width, width);
     buf.par_chunks_mut(chunk * width)
         .enumerate()
-        .for_each(|(c, rows)| {
-            for (r, row) in rows.chunks_exact_mut(width).enumerate() {
-                f(c * chunk + r, row);
-            }
-        });
+        .for_each(|(c, rows)| f(c * chunk, rows));
 }
 
 /// out (B, O) = act(inp (B, I) weight^T + bias); weight (O, I), bias (O). Bias and activation
