@@ -30,6 +30,7 @@ fn products(c: &mut Criterion) {
         ("fc1_dweight dy^T x", 400, B, 784, Op::Transposed, Op::Plain),
         ("out_forward h W4^T", B, 400, 784, Op::Plain, Op::Transposed),
         ("out_dinp dy W4", B, 784, 400, Op::Plain, Op::Plain),
+        ("out_dweight dy^T h", 784, B, 400, Op::Transposed, Op::Plain),
         // The latent block's products: narrow outputs (2Z = 40, Z = 20) from wide operands.
         ("head_forward h Wh^T", B, 400, 40, Op::Plain, Op::Transposed),
         ("dec0_dinp dy Wd0", B, 400, 20, Op::Plain, Op::Plain),

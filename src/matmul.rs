@@ -338,31 +338,77 @@ pub fn matmul_on(
     if use_amx(&a, &b) {
         matmul_split(d, a, b, parts.max(1), 0, Kernel::Tiles, epi);
     } else if narrow::takes(n) {
-        // b (k, n) packed once for all threads, rows padded with zeros to whole vectors. The
-        // buffer is taken from the thread's cell, not borrowed: a product nested in this one's
-        // rayon joins (work stolen while waiting) finds it empty and allocates its own.
-        let width = narrow::packed_width(n);
-        let mut packed = PACKED.take();
-        packed.clear();
-        packed.resize(k * width, 0.0);
-        let bv = b.0;
-        // By 16 rows of b at a time, so that a transposed b is read along its rows and the 16
-        // packed rows written stay in L1.
-        for (p0, rows) in packed.chunks_mut(16 * width).enumerate() {
-            for j in 0..n {
-                for (dp, row) in rows.chunks_exact_mut(width).enumerate() {
-                    let p = (p0 * 16 + dp) as isize;
-                    // SAFETY: (p, j) is inside b, whose slice `Src::from_slice` checked.
-                    row[j] = unsafe { *bv.ptr.offset(p * bv.rs + j as isize * bv.cs) };
-                }
+        narrow_packed(d, a, b, parts.max(1), 0, epi);
+    } else {
+        gemm_with_tail(d, a, b, parts.max(1), gemm_tail(k, n), epi);
+    }
+}
+
+/// dst = a b on `gemm`, but for its last `tail` columns on `narrow` (`narrow::takes(tail)`).
+fn gemm_with_tail(d: Dst, a: Src, b: Src, parts: usize, tail: usize, epi: Option<Epilogue<'_>>) {
+    let (m, k, n) = (a.0.rows, a.0.cols, b.0.cols);
+    let main = n - tail;
+    matmul_split(
+        d.cols(0, main),
+        a,
+        b.cols(0, main),
+        parts,
+        0,
+        Kernel::Gemm,
+        epi,
+    );
+    if tail > 0 {
+        let parts = product_threads(m, k, tail).min(parts);
+        narrow_packed(d.cols(main, tail), a, b.cols(main, tail), parts, main, epi);
+    }
+}
+
+/// The last output columns of a wide product that go to `narrow` instead of `gemm`: with its
+/// AVX-512 kernels `gemm` works on dst's transpose, 64 of our columns at a time, and runs a
+/// last piece of 16-48 on kernels of 1-3 vectors at a fraction of the speed (the output
+/// layer's 784 = 12 x 64 + 16 and 400 = 6 x 64 + 16). Measured on AMD EPYC Zen 5, 2 threads
+/// (`cargo bench --bench train_step -- matmul/`, medians of 6-8 interleaved runs): h W4^T
+/// 228 -> 199 us (its two column halves now equal), dy^T h 191 -> 188 us; 1 thread 1-4% less.
+/// Only for k <= `TAIL_MAX_K`:
+/// `narrow` sums each output in one chain in k order, as `gemm` does up to its depth block
+/// (512 there); dy W4 (k = 784), which `gemm` sums in two blocks, measured no faster.
+const TAIL_MAX_K: usize = 512;
+
+fn gemm_tail(k: usize, n: usize) -> usize {
+    let tail = n % 64;
+    let wide = n > narrow::MAX_COLS && k <= TAIL_MAX_K && gemm_isa() == "avx512";
+    if wide && tail > 0 && narrow::takes(tail) {
+        tail
+    } else {
+        0
+    }
+}
+
+/// dst = a b on `narrow` (`narrow::takes(b.cols)`), b packed once for all threads, rows padded
+/// with zeros to whole vectors; `col0` is dst's first column in the whole product.
+fn narrow_packed(d: Dst, a: Src, b: Src, parts: usize, col0: usize, epi: Option<Epilogue<'_>>) {
+    let (k, n) = (b.0.rows, b.0.cols);
+    // The buffer is taken from the thread's cell, not borrowed: a product nested in this
+    // one's rayon joins (work stolen while waiting) finds it empty and allocates its own.
+    let width = narrow::packed_width(n);
+    let mut packed = PACKED.take();
+    packed.clear();
+    packed.resize(k * width, 0.0);
+    let bv = b.0;
+    // By 16 rows of b at a time, so that a transposed b is read along its rows and the 16
+    // packed rows written stay in L1.
+    for (p0, rows) in packed.chunks_mut(16 * width).enumerate() {
+        for j in 0..n {
+            for (dp, row) in rows.chunks_exact_mut(width).enumerate() {
+                let p = (p0 * 16 + dp) as isize;
+                // SAFETY: (p, j) is inside b, whose slice `Src::from_slice` checked.
+                row[j] = unsafe { *bv.ptr.offset(p * bv.rs + j as isize * bv.cs) };
             }
         }
-        let b = Src::from_slice(&packed, k, width, Op::Plain).cols(0, n);
-        matmul_split(d, a, b, parts.max(1), 0, Kernel::Narrow, epi);
-        PACKED.set(packed);
-    } else {
-        matmul_split(d, a, b, parts.max(1), 0, Kernel::Gemm, epi);
     }
+    let b = Src::from_slice(&packed, k, width, Op::Plain).cols(0, n);
+    matmul_split(d, a, b, parts, col0, Kernel::Narrow, epi);
+    PACKED.set(packed);
 }
 
 thread_local! {
@@ -444,6 +490,48 @@ mod tests {
             (128, 784, 400),
         ] {
             check(m, k, n, 2);
+        }
+    }
+
+    /// A wide product's last columns on `narrow` (as `gemm`'s AVX-512 build takes them): every
+    /// column against the plain product, both b layouts, 1 and 2 threads, with the epilogue
+    /// given each piece's first column.
+    #[test]
+    #[cfg_attr(miri, ignore = "vector kernels")]
+    fn gemm_tail_on_narrow() {
+        if !narrow::takes(16) {
+            return;
+        }
+        let epi = |row: &mut [f32], c0: usize| {
+            row.iter_mut()
+                .enumerate()
+                .for_each(|(j, v)| *v += (c0 + j) as f32);
+        };
+        for (m, k, n, tail) in [(70, 33, 130, 2), (128, 40, 80, 16), (50, 9, 100, 36)] {
+            let (a, b) = (pseudo(m * k, 5), pseudo(k * n, 6));
+            for b_op in [Op::Plain, Op::Transposed] {
+                for threads in [1, 2] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut got = vec![f32::NAN; m * n];
+                    let d = Dst::from_slice(&mut got, m, n);
+                    let (sa, sb) = (
+                        Src::from_slice(&a, m, k, Op::Plain),
+                        Src::from_slice(&b, k, n, b_op),
+                    );
+                    pool.install(|| gemm_with_tail(d, sa, sb, threads, tail, Some(&epi)));
+                    let mut want = vec![0.0; m * n];
+                    matmul_naive(&mut want, &a, Op::Plain, &b, b_op, m, k, n);
+                    for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (x - y - (i % n) as f32).abs() < 1e-4,
+                            "{m}x{k}x{n} tail {tail} {b_op:?} {threads} threads: element {i}"
+                        );
+                    }
+                }
+            }
         }
     }
 
