@@ -471,6 +471,14 @@ pub(crate) mod tests {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
     }
 
+    /// A product epilogue for tests: adds each element's column in the whole product, so a
+    /// part given the wrong first column shows.
+    pub(crate) fn add_column(row: &mut [f32], c0: usize) {
+        row.iter_mut()
+            .enumerate()
+            .for_each(|(j, v)| *v += (c0 + j) as f32);
+    }
+
     #[test]
     fn bce_known_values() {
         // l = 0, x = 0.5: log 2; l = 2, x = 1: log(1 + e^-2); l = -3, x = 0: log(1 + e^-3).

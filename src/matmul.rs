@@ -449,7 +449,7 @@ pub fn matmul_naive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::tests::pseudo;
+    use crate::layers::tests::{add_column, pseudo};
 
     fn check(m: usize, k: usize, n: usize, threads: usize) {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -472,6 +472,25 @@ mod tests {
                 assert!(err < 1e-4, "{m}x{k}x{n} {la:?} {lb:?}: {err}");
             }
         }
+    }
+
+    /// The first element of `got` (m, n) farther than 1e-4 from the plain product a b (a
+    /// row-major) plus its column (`add_column`'s epilogue), if any.
+    fn first_off_plain_plus_column(
+        got: &[f32],
+        a: &[f32],
+        b: &[f32],
+        b_op: Op,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Option<usize> {
+        let mut plain = vec![0.0; m * n];
+        matmul_naive(&mut plain, a, Op::Plain, b, b_op, m, k, n);
+        got.iter().zip(&plain).enumerate().position(|(i, (x, y))| {
+            let close = (x - y - (i % n) as f32).abs() < 1e-4;
+            !close
+        })
     }
 
     #[test]
@@ -502,11 +521,6 @@ mod tests {
         if !narrow::takes(16) {
             return;
         }
-        let epi = |row: &mut [f32], c0: usize| {
-            row.iter_mut()
-                .enumerate()
-                .for_each(|(j, v)| *v += (c0 + j) as f32);
-        };
         for (m, k, n, tail) in [(70, 33, 130, 2), (128, 40, 80, 16), (50, 9, 100, 36)] {
             let (a, b) = (pseudo(m * k, 5), pseudo(k * n, 6));
             for b_op in [Op::Plain, Op::Transposed] {
@@ -521,15 +535,12 @@ mod tests {
                         Src::from_slice(&a, m, k, Op::Plain),
                         Src::from_slice(&b, k, n, b_op),
                     );
-                    pool.install(|| gemm_with_tail(d, sa, sb, threads, tail, Some(&epi)));
-                    let mut want = vec![0.0; m * n];
-                    matmul_naive(&mut want, &a, Op::Plain, &b, b_op, m, k, n);
-                    for (i, (x, y)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (x - y - (i % n) as f32).abs() < 1e-4,
-                            "{m}x{k}x{n} tail {tail} {b_op:?} {threads} threads: element {i}"
-                        );
-                    }
+                    pool.install(|| gemm_with_tail(d, sa, sb, threads, tail, Some(&add_column)));
+                    let bad = first_off_plain_plus_column(&got, &a, &b, b_op, m, k, n);
+                    assert!(
+                        bad.is_none(),
+                        "{m}x{k}x{n} tail {tail} {b_op:?} {threads} threads: element {bad:?}"
+                    );
                 }
             }
         }
@@ -547,11 +558,6 @@ mod tests {
             .num_threads(2)
             .build()
             .unwrap();
-        let epi = |row: &mut [f32], c0: usize| {
-            row.iter_mut()
-                .enumerate()
-                .for_each(|(j, v)| *v += (c0 + j) as f32);
-        };
         // A row-major b splits the rows, a transposed one the columns (m < n).
         for b_op in [Op::Plain, Op::Transposed] {
             let mut with_epi = vec![0.0; m * n];
@@ -566,17 +572,11 @@ mod tests {
                     m,
                     k,
                     n,
-                    Some(&epi),
+                    Some(&add_column),
                 )
             });
-            let mut plain = vec![0.0; m * n];
-            matmul_naive(&mut plain, &a, Op::Plain, &b, b_op, m, k, n);
-            for (i, (x, y)) in with_epi.iter().zip(&plain).enumerate() {
-                assert!(
-                    (x - y - (i % n) as f32).abs() < 1e-4,
-                    "{b_op:?} element {i}"
-                );
-            }
+            let bad = first_off_plain_plus_column(&with_epi, &a, &b, b_op, m, k, n);
+            assert!(bad.is_none(), "{b_op:?} element {bad:?}");
         }
     }
 }

@@ -156,7 +156,7 @@ kernel!(avx2, "avx2,fma", __m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_l
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use crate::layers::tests::{pseudo, same_bits};
+    use crate::layers::tests::{add_column, pseudo, same_bits};
     use crate::matmul::{matmul_on, Op};
 
     /// a (m, k) b (k, n) as one fused multiply-add chain per output, in k order.
@@ -253,11 +253,6 @@ mod tests {
             .num_threads(2)
             .build()
             .unwrap();
-        let epi = |row: &mut [f32], c0: usize| {
-            row.iter_mut()
-                .enumerate()
-                .for_each(|(j, v)| *v += (c0 + j) as f32);
-        };
         for (m, k, n) in SHAPES.into_iter().chain([(70, 5, 64), (200, 9, 33)]) {
             let a = pseudo(m * k, 3);
             let b = pseudo(k * n, 4);
@@ -269,12 +264,23 @@ mod tests {
             }
             for a_op in [Op::Plain, Op::Transposed] {
                 let mut want = chain(&a, a_op, &b, m, k, n);
-                want.chunks_exact_mut(n).for_each(|row| epi(row, 0));
+                want.chunks_exact_mut(n).for_each(|row| add_column(row, 0));
                 for (b_op, bs) in [(Op::Plain, &b), (Op::Transposed, &bt)] {
                     for parts in [1, 2] {
                         let mut got = vec![f32::NAN; m * n];
                         pool.install(|| {
-                            matmul_on(parts, &mut got, &a, a_op, bs, b_op, m, k, n, Some(&epi))
+                            matmul_on(
+                                parts,
+                                &mut got,
+                                &a,
+                                a_op,
+                                bs,
+                                b_op,
+                                m,
+                                k,
+                                n,
+                                Some(&add_column),
+                            )
                         });
                         let same = same_bits(&got, &want);
                         assert!(same, "{m}x{k}x{n} {a_op:?} {b_op:?} on {parts}");
