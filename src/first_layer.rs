@@ -6,20 +6,23 @@
 //! gradient dwt = x^T dh sums x[b, i] * dh[b, :] into row i of dwt. The weight is stored
 //! transposed, wt (I, O), so both work on contiguous rows.
 //!
-//! Each batch's nonzeros are indexed once (`BatchNonzeros`), by row and by group of 4
-//! adjacent columns, from the gathered batch while it is in cache; a per-data-set index would
-//! be read from memory a second time per batch, beside the dense rows the loss needs. The
-//! forward pass runs by row, summing a block of outputs in registers while the weight rows
-//! stream from L2. The weight gradient runs by column group, in blocks of up to 96 outputs:
+//! Each batch's nonzeros are indexed once (`BatchNonzeros`), by group of 4 adjacent columns,
+//! from the gathered batch while it is in cache; a per-data-set index would be read from
+//! memory a second time per batch, beside the dense rows the loss needs. Both passes run by
+//! column group. The forward pass keeps a group's 4 rows of weights (a block of up to 48
+//! outputs) in registers and adds them, scaled by each entry's 4 values, to that entry's row
+//! of outputs, held in L1 as a block: 4 multiply-adds per load and store of an output, where
+//! a pass by row loads a row of weights per nonzero, which bound it by L2's bandwidth. The
+//! weight gradient runs in blocks of up to 96 outputs:
 //! each row of dh a group touches is loaded once for its 4 columns (adjacent pixels are
 //! nonzero in mostly the same images), the block of dh stays in L1, and each block of dwt is
 //! summed in registers, so the Adam step on that block of weights can follow at once while it
 //! is in cache (`GradSink::Adam`), with no gradient buffer written or read.
 //!
-//! The weight gradient sums each output in one chain over its nonzeros in row order (a
-//! group's zero values add exactly nothing), and the forward pass's blocks keep the same
-//! chains on every instruction set, so neither the blocks, the threads nor the instruction
-//! set change a result.
+//! The weight gradient sums each output in one chain over its nonzeros in row order, and the
+//! forward pass each output in one chain from its bias over the input columns in order (a
+//! group's zero values add nothing but, to a sum of exactly zero, a sign), so neither the blocks, the threads nor the
+//! instruction set change a result.
 //!
 //! Sums run in a different order than the dense products, so results agree with them to
 //! float rounding. Dense data (more than `MAX_DENSITY` nonzeros) take the dense products, with
@@ -28,7 +31,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use crate::config::Activation;
-use crate::layers::{bias_activation, for_row_chunks};
+use crate::layers::bias_activation;
 use crate::matmul::{matmul, matmul_on, product_threads, Op};
 use crate::optim::{adam_chunk_generic, AdamKernel};
 use crate::simd::{dispatch, fmadd};
@@ -41,21 +44,17 @@ pub const MAX_DENSITY: f64 = 0.5;
 /// Batch rows per part at most.
 const PART_ROWS: usize = 128;
 
-/// Input columns per group of the weight gradient's index. Adjacent pixels are nonzero in
+/// Input columns per group of the index. Adjacent pixels are nonzero in
 /// mostly the same images, so a group of 4 of MNIST's has rows for 0.37 of its nonzeros: each
 /// row of dh loaded serves 4 rows of the gradient (1.48 multiply-adds per nonzero, the zeros'
 /// included, against 1 with one column at a time, but 0.37 loads against 1).
 const GROUP: usize = 4;
 
-/// The nonzeros of batch rows [row0, row0 + rows), by row (CSR) and by input column (CSC).
+/// The nonzeros of batch rows [row0, row0 + rows), by group of input columns.
 #[derive(Debug, Default, Clone)]
 struct ColumnPart {
     row0: usize,
     rows: usize,
-    /// Row r's nonzeros (r counted from row0) are idx/val[offsets[r]..offsets[r + 1]].
-    offsets: Vec<usize>,
-    idx: Vec<u32>,
-    val: Vec<f32>,
     /// Column group g's entries are entries[starts[g]..starts[g + 1]].
     starts: Vec<usize>,
     /// For each row with a nonzero in any of a group's GROUP columns: (row in the batch, its
@@ -117,15 +116,6 @@ impl ColumnPart {
     fn fill(&mut self, x: &[f32], rows: Range<usize>, d: usize) {
         self.row0 = rows.start;
         self.rows = rows.len();
-        self.offsets.clear();
-        self.offsets.push(0);
-        self.idx.resize(x.len() + SPARE, 0);
-        self.val.resize(x.len() + SPARE, 0.0);
-        let mut k = 0;
-        for row in x.chunks_exact(d) {
-            k = compress_row(row, &mut self.idx, &mut self.val, k);
-            self.offsets.push(k);
-        }
         // By group of columns, a counting sort over each row's bitmask of groups with a
         // nonzero (GROUP divides 64, so a word of columns holds whole groups): group g's count
         // of rows goes to starts[g + 2]; after the prefix sums starts[g + 1] is where group g
@@ -183,137 +173,10 @@ impl ColumnPart {
         self.starts.truncate(groups + 1);
     }
 
-    /// Row r's nonzeros, r counted from row0.
-    fn row(&self, r: usize) -> (&[u32], &[f32]) {
-        let (a, b) = (self.offsets[r], self.offsets[r + 1]);
-        (&self.idx[a..b], &self.val[a..b])
-    }
-
     /// Column group g's entries.
     fn group(&self, g: usize) -> &[(u32, [f32; GROUP])] {
         &self.entries[self.starts[g]..self.starts[g + 1]]
     }
-}
-
-/// Places past the last entry that `compress_row` may overwrite.
-const SPARE: usize = 16;
-
-/// Write the nonzeros of `row` as (column, value) into idx/val from place k on, and return
-/// the place after the last; both need room for row.len() + SPARE places from k.
-fn compress_row(row: &[f32], idx: &mut [u32], val: &mut [f32], k: usize) -> usize {
-    assert!(idx.len().min(val.len()) >= k + row.len() + SPARE);
-    #[cfg(target_arch = "x86_64")]
-    match crate::simd::isa() {
-        // SAFETY: the CPU has AVX-512F (`isa` checked it), and the assert above gives idx and
-        // val the room past k that the function's stores need.
-        crate::simd::Isa::Avx512 => return unsafe { compress_row_avx512(row, idx, val, k) },
-        // SAFETY: as above, with AVX2.
-        crate::simd::Isa::Avx2 => return unsafe { compress_row_avx2(row, idx, val, k) },
-        crate::simd::Isa::Generic => {}
-    }
-    compress_row_scalar(row, 0, idx, val, k)
-}
-
-/// Without branches: each value is written at the next free place, which advances past it
-/// only when it is nonzero. `col0` is row[0]'s column.
-fn compress_row_scalar(
-    row: &[f32],
-    col0: usize,
-    idx: &mut [u32],
-    val: &mut [f32],
-    mut k: usize,
-) -> usize {
-    for (i, &v) in row.iter().enumerate() {
-        idx[k] = (col0 + i) as u32;
-        val[k] = v;
-        k += (v != 0.0) as usize;
-    }
-    k
-}
-
-/// For each 8-bit mask, the positions of its set bits, lowest first (then zeros): the lane
-/// order that packs a register's selected lanes to its front.
-#[cfg(target_arch = "x86_64")]
-const PACK_LANES: [[u32; 8]; 256] = {
-    let mut table = [[0u32; 8]; 256];
-    let mut mask = 0;
-    while mask < 256 {
-        let (mut lane, mut to) = (0, 0);
-        while lane < 8 {
-            if mask >> lane & 1 == 1 {
-                table[mask][to] = lane as u32;
-                to += 1;
-            }
-            lane += 1;
-        }
-        mask += 1;
-    }
-    table
-};
-
-/// 8 values at a time, as `compress_row_avx512` does 16: AVX2 has no compress instruction, so
-/// the nonzeros' lanes are moved to the front by a permutation looked up by their mask (the
-/// scalar loop cost 1.5-2 cycles a value, and AVX2's 784 of a row per batch row).
-///
-/// # Safety
-/// The CPU must have AVX2, and idx and val must each hold at least k + row.len() + SPARE
-/// elements: every full register is stored at place k' <= k + (values read so far), 8 wide.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn compress_row_avx2(row: &[f32], idx: &mut [u32], val: &mut [f32], mut k: usize) -> usize {
-    use std::arch::x86_64::*;
-    let mut cols = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let step = _mm256_set1_epi32(8);
-    let zero = _mm256_setzero_ps();
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        let v = _mm256_loadu_ps(c.as_ptr());
-        let nonzero = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(v, zero)) as usize;
-        let lanes = _mm256_loadu_si256(PACK_LANES[nonzero].as_ptr().cast());
-        _mm256_storeu_ps(val.as_mut_ptr().add(k), _mm256_permutevar8x32_ps(v, lanes));
-        let packed = _mm256_permutevar8x32_epi32(cols, lanes);
-        _mm256_storeu_si256(idx.as_mut_ptr().add(k).cast(), packed);
-        k += nonzero.count_ones() as usize;
-        cols = _mm256_add_epi32(cols, step);
-    }
-    let done = row.len() - chunks.remainder().len();
-    compress_row_scalar(chunks.remainder(), done, idx, val, k)
-}
-
-/// 16 values at a time: the nonzeros and their columns are packed to the front of a register
-/// (vcompressps) and the whole register stored, so up to 16 places past the end are written.
-///
-/// # Safety
-/// The CPU must have AVX-512F, and idx and val must each hold at least k + row.len() + SPARE
-/// elements: every full register is stored at place k' <= k + (values read so far), 16 wide.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn compress_row_avx512(
-    row: &[f32],
-    idx: &mut [u32],
-    val: &mut [f32],
-    mut k: usize,
-) -> usize {
-    use std::arch::x86_64::*;
-    const FIRST: [u32; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
-    let mut cols = _mm512_loadu_si512(FIRST.as_ptr().cast());
-    let step = _mm512_set1_epi32(16);
-    let zero = _mm512_setzero_ps();
-    let mut chunks = row.chunks_exact(16);
-    for c in &mut chunks {
-        let v = _mm512_loadu_ps(c.as_ptr());
-        let nonzero = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(v, zero);
-        _mm512_storeu_ps(
-            val.as_mut_ptr().add(k),
-            _mm512_maskz_compress_ps(nonzero, v),
-        );
-        let packed = _mm512_maskz_compress_epi32(nonzero, cols);
-        _mm512_storeu_si512(idx.as_mut_ptr().add(k).cast(), packed);
-        k += nonzero.count_ones() as usize;
-        cols = _mm512_add_epi32(cols, step);
-    }
-    let done = row.len() - chunks.remainder().len();
-    compress_row_scalar(chunks.remainder(), done, idx, val, k)
 }
 
 /// One batch's nonzeros by input column, in parts of contiguous rows (at least one per thread,
@@ -350,18 +213,6 @@ impl BatchNonzeros {
         self.indexed.then_some(self)
     }
 
-    /// The part holding batch row r.
-    fn part_of(&self, r: usize) -> &ColumnPart {
-        let p = self.parts.partition_point(|p| p.row0 + p.rows <= r);
-        &self.parts[p]
-    }
-
-    /// Batch row r's nonzeros.
-    fn row(&self, r: usize) -> (&[u32], &[f32]) {
-        let part = self.part_of(r);
-        part.row(r - part.row0)
-    }
-
     /// The batch's row count.
     fn rows(&self) -> usize {
         self.parts.last().map_or(0, |p| p.row0 + p.rows)
@@ -373,163 +224,125 @@ impl BatchNonzeros {
     }
 }
 
-/// out (W) = bias[..W] + sum over nonzeros of v * wt[i, c0..c0 + W], summed in registers:
-/// S chains of W accumulators, at least 8 AVX-512 registers in all, so that consecutive
-/// nonzeros do not wait on each other's FMA.
+/// out (R, W) block c0..c0 + W of the part's rows += the part's entries times wt's rows,
+/// group by group: the group's GROUP rows of wt (GROUP x W) stay in registers while each
+/// entry's block of out is loaded, gets its GROUP multiply-adds per output in column order,
+/// and is stored. Groups `groups` are whole (every column below d).
 #[inline(always)]
-fn sparse_block<const W: usize, const S: usize, const FMA: bool>(
+fn group_block<const W: usize, const FMA: bool>(
     out: &mut [f32],
-    idx: &[u32],
-    val: &[f32],
+    part: &ColumnPart,
     wt: &[f32],
     o: usize,
     c0: usize,
-    bias: &[f32],
+    groups: Range<usize>,
 ) {
-    let mut acc = [[0.0f32; W]; S];
-    acc[0].copy_from_slice(&bias[..W]);
-    let row = |i: u32| -> &[f32; W] {
-        let at = i as usize * o + c0;
-        wt[at..at + W].try_into().expect("W wide")
-    };
-    let (mut is, mut vs) = (idx.chunks_exact(S), val.chunks_exact(S));
-    for (i, v) in (&mut is).zip(&mut vs) {
-        for s in 0..S {
-            let r = row(i[s]);
+    const { assert!(GROUP == 4, "one weight array per column of a group") };
+    // Checked once here instead of per entry (a third of the AVX2 loop's instructions): every
+    // entry's row is one of the part's.
+    assert!(
+        c0 + W <= o && part.rows * o <= out.len(),
+        "out holds the part's rows"
+    );
+    for g in groups {
+        let w = |j: usize| -> [f32; W] {
+            let at = (g * GROUP + j) * o + c0;
+            wt[at..at + W].try_into().expect("W wide")
+        };
+        // Four arrays written out, as in `grad_block`, so that they stay in registers.
+        let (w0, w1, w2, w3) = (w(0), w(1), w(2), w(3));
+        for &(b, v) in part.group(g) {
+            let r = b as usize - part.row0;
+            debug_assert!(r < part.rows);
+            // SAFETY: r < part.rows (`ColumnPart::fill` indexes only its own rows), so with the
+            // assert above (r + 1) * o <= out.len() and the W outputs from r * o + c0 are in
+            // out; [f32; W] has f32's alignment.
+            let dst = unsafe { &mut *out.as_mut_ptr().add(r * o + c0).cast::<[f32; W]>() };
             for k in 0..W {
-                acc[s][k] = fmadd::<FMA>(v[s], r[k], acc[s][k]);
+                let mut a = dst[k];
+                a = fmadd::<FMA>(v[0], w0[k], a);
+                a = fmadd::<FMA>(v[1], w1[k], a);
+                a = fmadd::<FMA>(v[2], w2[k], a);
+                a = fmadd::<FMA>(v[3], w3[k], a);
+                dst[k] = a;
             }
         }
     }
-    for (&i, &v) in is.remainder().iter().zip(vs.remainder()) {
-        let r = row(i);
-        for k in 0..W {
-            acc[0][k] = fmadd::<FMA>(v, r[k], acc[0][k]);
-        }
-    }
-    let (sum, rest) = acc.split_at_mut(1);
-    for chain in rest {
-        sum[0]
-            .iter_mut()
-            .zip(chain.iter())
-            .for_each(|(a, b)| *a += b);
-    }
-    out[..W].copy_from_slice(&sum[0]);
 }
 
-/// out (R, O) = bias + sum over each row's nonzeros of v * wt[i, :] for batch rows row0.., wt
-/// (I, O), in register blocks of columns, one block at a time for all R rows: a block's
-/// columns of wt are read from L3 once and then from L2 for the other rows (the AVX2 path's
-/// blocks of 96 columns: 301 KB of wt; rows outside made each row stream all of wt, 1.25 MB,
-/// through L2: 184 against 165 us a batch, medians of 12 interleaved runs, the AVX-512 path
-/// the same, `FASTVAE_BENCH_BATCH` a real MNIST batch). Narrower blocks on the AVX-512 path
-/// (208 + 192 columns) measured slower than one pass of 400: 170 against 136 us.
-/// The weight gradient's column-major order, with
-/// each block of outputs in L1, was slower here (304 us against 206 at B = 128 on two
-/// threads): each nonzero then loads and stores its block of outputs.
-/// `NARROW` sizes the blocks for 16 vector registers (AVX2, and the plain path): at most 12
-/// accumulators of 8 floats, where AVX-512's 25-register blocks would spill to the stack (on
-/// the AVX2 path at B = 128, 2 threads: 202-233 us a batch against 422-485 us with the
-/// AVX-512 blocks; `FASTVAE_ISA=avx2 cargo bench --no-default-features --bench train_step --
-/// "first layer"`).
-#[inline(always)]
-fn sparse_rows_generic<const FMA: bool, const NARROW: bool>(
+/// `group_block` for outputs c0..c0 + w, any w, and groups that may end past d (the missing
+/// columns have no row of wt, and zero values).
+fn group_ragged<const FMA: bool>(
     out: &mut [f32],
-    cols: &BatchNonzeros,
-    row0: usize,
+    part: &ColumnPart,
+    wt: &[f32],
+    (o, d): (usize, usize),
+    cols: Range<usize>,
+    groups: Range<usize>,
+) {
+    for g in groups {
+        let inputs = g * GROUP..(g * GROUP + GROUP).min(d);
+        for &(b, v) in part.group(g) {
+            let row = (b as usize - part.row0) * o;
+            for k in cols.clone() {
+                let mut a = out[row + k];
+                for (j, i) in inputs.clone().enumerate() {
+                    a = fmadd::<FMA>(v[j], wt[i * o + k], a);
+                }
+                out[row + k] = a;
+            }
+        }
+    }
+}
+
+/// out (R, O) = bias + x wt for the part's R rows, wt (I, O), from its column groups: by blocks
+/// of outputs (out's block in L1 for every group), each output one chain of multiply-adds from
+/// its bias over the input columns in order, a group's zero values adding exactly nothing. So
+/// blocks, threads and instruction sets give the same bits. `NARROW` sizes the blocks for 16
+/// vector registers (AVX2, and the plain path).
+#[inline(always)]
+fn group_forward_generic<const FMA: bool, const NARROW: bool>(
+    out: &mut [f32],
+    part: &ColumnPart,
     wt: &[f32],
     bias: &[f32],
+    d: usize,
 ) {
     let o = bias.len();
-    let mut c = 0;
-    // Blocks outside, rows inside: each block's columns of wt (I x width) serve every row of
-    // the part while they are in L2.
-    macro_rules! block {
-        ($width:literal $chains:literal) => {{
-            for (r, out) in out.chunks_exact_mut(o).enumerate() {
-                let (idx, val) = cols.row(row0 + r);
-                let (out, bias) = (&mut out[c..], &bias[c..]);
-                sparse_block::<$width, $chains, FMA>(out, idx, val, wt, o, c, bias);
-            }
-            c += $width;
-        }};
+    for row in out.chunks_exact_mut(o) {
+        row.copy_from_slice(bias);
     }
-    if NARROW {
-        // The wide path's columns and chains, in blocks of at most 12 registers: every output
-        // sums its nonzeros in the same order on both paths, so they agree bit for bit.
-        let (one, two, eight) = chain_regions(o);
-        // One chain: pieces of equal width, at most 96 (all multiples of 16).
-        while c < one {
-            let left = one - c;
-            match left.div_ceil(left.div_ceil(96)).next_multiple_of(16) {
-                96 => block!(96 1),
-                80 => block!(80 1),
-                64 => block!(64 1),
-                48 => block!(48 1),
-                32 => block!(32 1),
-                _ => block!(16 1),
-            }
+    let whole = 0..d / GROUP;
+    let full = o / 16 * 16;
+    let mut c = 0;
+    while c < full {
+        // AVX-512: pieces of equal width, at most 48 (12 registers of weights; on a real MNIST
+        // batch, 2 threads, medians of 10 interleaved runs: 76 us, against 82 with 32 and 64,
+        // 97 with 80). AVX2: 24 (12 registers of weights, one of them spilled; 113 us against
+        // 124 with 16).
+        let left = full - c;
+        let width = match (NARROW, left) {
+            (true, 24..) => 24,
+            (true, _) => 16,
+            (false, _) => left.div_ceil(left.div_ceil(48)).next_multiple_of(16),
+        };
+        let groups = whole.clone();
+        match width {
+            16 => group_block::<16, FMA>(out, part, wt, o, c, groups),
+            24 => group_block::<24, FMA>(out, part, wt, o, c, groups),
+            32 => group_block::<32, FMA>(out, part, wt, o, c, groups),
+            _ => group_block::<48, FMA>(out, part, wt, o, c, groups),
         }
-        while c < two {
-            block!(32 2);
-        }
-        while c < eight {
-            block!(8 8);
-        }
-    } else {
-        // Blocks of up to 28 registers (448 columns), widest first: one pass over the row's
-        // nonzeros per block, and a hidden width of 400 in a single pass (measured at B = 128
-        // on two threads: 151 us, against 157 us for 384 + 16 and 200 us for blocks of 128;
-        // choosing among all 28 widths through one `match` measured slower, 191 us). Chains:
-        // at least 8 registers of accumulators, so the FMAs' latency is hidden.
-        // `chain_regions` follows this list.
-        macro_rules! blocks {
-            ($($width:literal $chains:literal),*) => {
-                $(
-                    while o - c >= $width {
-                        block!($width $chains);
-                    }
-                )*
-            };
-        }
-        blocks!(448 1, 400 1, 384 1, 320 1, 256 1, 192 1, 128 1, 64 2, 16 8);
+        c += width;
     }
     if c < o {
-        for (r, out) in out.chunks_exact_mut(o).enumerate() {
-            let (idx, val) = cols.row(row0 + r);
-            let tail = &mut out[c..];
-            tail.copy_from_slice(&bias[c..]);
-            for (&i, &v) in idx.iter().zip(val) {
-                let i = i as usize;
-                tail.iter_mut()
-                    .zip(&wt[i * o + c..(i + 1) * o])
-                    .for_each(|(a, &r)| *a = fmadd::<FMA>(v, r, *a));
-            }
-        }
+        group_ragged::<FMA>(out, part, wt, (o, d), c..o, whole.clone());
     }
+    // A last group that d ends inside, for every output, after the whole ones.
+    group_ragged::<FMA>(out, part, wt, (o, d), 0..o, whole.end..d.div_ceil(GROUP));
 }
 
-/// Where the wide path's blocks of one, two and eight chains end for O outputs; the rest
-/// (under 16) is summed in order, as one chain.
-fn chain_regions(o: usize) -> (usize, usize, usize) {
-    let mut c = 0;
-    for w in [448, 400, 384, 320, 256, 192, 128] {
-        while o - c >= w {
-            c += w;
-        }
-    }
-    let one = c;
-    while o - c >= 64 {
-        c += 64;
-    }
-    let two = c;
-    while o - c >= 16 {
-        c += 16;
-    }
-    (one, two, c)
-}
-
-dispatch!(fn sparse_rows(out: &mut [f32], cols: &BatchNonzeros, row0: usize, wt: &[f32], bias: &[f32]) -> () = sparse_rows_generic::<true, false>, sparse_rows_generic::<true, true>, sparse_rows_generic::<false, true>);
+dispatch!(fn group_forward(out: &mut [f32], part: &ColumnPart, wt: &[f32], bias: &[f32], d: usize) -> () = group_forward_generic::<true, false>, group_forward_generic::<true, true>, group_forward_generic::<false, true>);
 
 fn activate(row: &mut [f32], act: Activation) {
     match act {
@@ -554,10 +367,20 @@ pub fn forward(
     match cols {
         // By rows: split by columns instead, each thread would read only its columns of wt,
         // but every nonzero twice over (measured slower: 247 us against 200 at B = 128).
-        Some(cols) => for_row_chunks(&mut out[..b * o], o, |r0, rows| {
-            sparse_rows(rows, cols, r0, wt, bias);
-            rows.chunks_exact_mut(o).for_each(|row| activate(row, act));
-        }),
+        Some(cols) => {
+            // One task per part of the index, on its own rows of out.
+            let mut rest = &mut out[..b * o];
+            let mut work = Vec::with_capacity(cols.parts.len());
+            for part in &cols.parts {
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(part.rows * o);
+                work.push((part, mine));
+                rest = tail;
+            }
+            work.into_par_iter().for_each(|(part, out)| {
+                group_forward(out, part, wt, bias, i);
+                out.chunks_exact_mut(o).for_each(|row| activate(row, act));
+            });
+        }
         None => {
             let epi = |row: &mut [f32], c0: usize| {
                 bias_activation(row, &bias[c0..c0 + row.len()], Some(act))
@@ -895,52 +718,6 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
-    /// Every instruction set's compress writes the nonzeros and their columns in order, as
-    /// the plain loop does, from any starting place and for any row length.
-    #[test]
-    #[cfg_attr(miri, ignore = "vector kernels")]
-    fn compress_row_matches_the_plain_loop() {
-        for len in [0, 1, 7, 8, 9, 16, 17, 33, 784] {
-            let row: Vec<f32> = (0..len)
-                .map(|c| match (c * 7 + c / 3) % 5 {
-                    0 | 1 => 0.0,
-                    2 => -0.0,
-                    _ => c as f32 - 10.0,
-                })
-                .collect();
-            for k0 in [0, 3] {
-                let room = k0 + len + SPARE;
-                let (mut wi, mut wv) = (vec![0u32; room], vec![0.0f32; room]);
-                let want = compress_row_scalar(&row, 0, &mut wi, &mut wv, k0);
-                type Compress = fn(&[f32], &mut [u32], &mut [f32], usize) -> usize;
-                let mut kernels: Vec<(&str, Compress)> = vec![("dispatched", compress_row)];
-                #[cfg(target_arch = "x86_64")]
-                {
-                    if std::arch::is_x86_feature_detected!("avx2") {
-                        // SAFETY: the CPU has AVX2; the buffers have SPARE places of room.
-                        kernels.push(("avx2", |r, i, v, k| unsafe {
-                            compress_row_avx2(r, i, v, k)
-                        }));
-                    }
-                    if std::arch::is_x86_feature_detected!("avx512f") {
-                        // SAFETY: the CPU has AVX-512F; as above.
-                        kernels.push(("avx512", |r, i, v, k| unsafe {
-                            compress_row_avx512(r, i, v, k)
-                        }));
-                    }
-                }
-                for (name, compress) in kernels {
-                    let (mut gi, mut gv) = (vec![0u32; room], vec![0.0f32; room]);
-                    let got = compress(&row, &mut gi, &mut gv, k0);
-                    let what = format!("{name}: length {len} from {k0}");
-                    assert_eq!(got, want, "{what}");
-                    assert_eq!(gi[k0..got], wi[k0..want], "{what}");
-                    assert!(same_bits(&gv[k0..got], &wv[k0..want]), "{what}");
-                }
-            }
-        }
-    }
-
     /// Each group's entries are, in row order, the rows with a nonzero in any of its columns,
     /// with those columns' values (0.0 for a zero, -0.0 included): against a plain scan of
     /// every group of every row, for widths that end inside a group and inside a word.
@@ -978,6 +755,76 @@ mod tests {
                     assert_eq!(gr, wr, "group {g} of ({n}, {d})");
                     assert!(same_bits(gv, wv), "group {g} row {gr} of ({n}, {d})");
                 }
+            }
+        }
+    }
+
+    /// The forward pass from column groups equals, bit for bit, each output summed in one
+    /// chain from its bias over the row's nonzeros in column order, on any number of threads
+    /// and parts: a group's zero values add exactly nothing to these (nonzero) sums.
+    #[test]
+    #[cfg_attr(miri, ignore = "slow under Miri; sparse_matches_dense covers the code")]
+    fn forward_sums_each_output_in_column_order() {
+        let fused = crate::simd::isa() != crate::simd::Isa::Generic;
+        // Outputs below, at and past a block (ragged last ones), a partial last group, -0.0
+        // inputs, and batches of one part and of several.
+        for (n, i, o) in [
+            (64, 50, 70),
+            (130, 31, 400),
+            (7, 9, 16),
+            (128, 784, 100),
+            (3, 4, 25),
+        ] {
+            let h = |k: usize, s: u32| {
+                ((k as u32 ^ s).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32
+            };
+            let x: Vec<f32> = (0..n * i)
+                .map(|k| {
+                    let (r, c) = (k / i, k % i);
+                    match ((c + 3 * r) % 11, h(k, 1)) {
+                        (0..=2, _) => h(k, 2) - 0.3,
+                        (_, p) if p < 0.1 => h(k, 2),
+                        (_, p) if p < 0.2 => -0.0,
+                        _ => 0.0,
+                    }
+                })
+                .collect();
+            let wt: Vec<f32> = (0..i * o).map(|k| h(k, 3) - 0.5).collect();
+            let bias: Vec<f32> = (0..o).map(|k| h(k, 4) + 0.5).collect();
+            let mut want = vec![0.0f32; n * o];
+            for r in 0..n {
+                for k in 0..o {
+                    let mut acc = bias[k];
+                    for c in 0..i {
+                        let v = x[r * i + c];
+                        if v != 0.0 {
+                            let w = wt[c * o + k];
+                            acc = if fused {
+                                v.mul_add(w, acc)
+                            } else {
+                                v * w + acc
+                            };
+                        }
+                    }
+                    want[r * o + k] = acc.max(0.0);
+                }
+            }
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = vec![f32::NAN; n * o];
+                pool.install(|| {
+                    let mut cols = BatchNonzeros::default();
+                    cols.build(&x, n, i, threads);
+                    let (cols, relu) = (cols.get(), Activation::Relu);
+                    forward(&mut got, &x, cols, &wt, &bias, n, i, o, relu);
+                });
+                assert!(
+                    same_bits(&got, &want),
+                    "({n}, {i}, {o}) on {threads} threads"
+                );
             }
         }
     }
