@@ -7,7 +7,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use fastvae::first_layer::{self, sparse_weight_backward, BatchNonzeros, GradSink};
 use fastvae::layers::{bce_logits_forward_backward, linear_forward};
 use fastvae::matmul::{matmul, Op};
-use fastvae::optim::{adam_step, AdamConfig, AdamKernel, AdamState};
+use fastvae::optim::{adam_step, all_finite, AdamConfig, AdamKernel, AdamState};
 use fastvae::pool::{build as build_pool, keep_awake};
 use fastvae::Config;
 use fastvae::{Dataset, EpochSettings, Model};
@@ -89,6 +89,11 @@ fn passes(c: &mut Criterion) {
     let mut state = AdamState::new(n);
     g.bench_function("adam 652,824 params", |bench| {
         bench.iter(|| pool.install(|| adam_step(&mut p, &grads, &mut state, AdamConfig::default())))
+    });
+    // A step's finiteness check reads about 150,000 values (two activations and the small
+    // layers' gradients): here as many, in one slice.
+    g.bench_function("finiteness check of 153,600 values", |bench| {
+        bench.iter(|| pool.install(|| all_finite(black_box(&grads[..153_600]))))
     });
 
     // The first layer on a batch with MNIST's share of zeros (about 81%).

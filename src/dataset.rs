@@ -6,7 +6,7 @@
 use crate::error::{Result, VaeError};
 use crate::first_layer::MAX_DENSITY;
 use crate::rng::{binarize as binarize_row, stream, Purpose};
-use crate::simd::{dispatch, LANES};
+use crate::simd::dispatch;
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -243,14 +243,12 @@ dispatch!(fn from_levels(dst: &mut [f32], k: &[u8]) -> () = from_levels_generic)
 /// True when every value is in [0, 1] (false for NaN).
 #[inline(always)]
 fn unit_interval_generic(values: &[f32]) -> bool {
-    let mut ok = [true; LANES];
-    let mut chunks = values.chunks_exact(LANES);
-    for c in &mut chunks {
-        for k in 0..LANES {
-            ok[k] &= c[k] >= 0.0 && c[k] <= 1.0;
-        }
-    }
-    ok.iter().all(|&o| o) && chunks.remainder().iter().all(|v| *v >= 0.0 && *v <= 1.0)
+    // An AND over the flat slice, as integers, as `optim::all_within` does: over lanes of
+    // bools it was vectorized across iterations, with gathers.
+    let within = values
+        .iter()
+        .fold(1u32, |all, &v| all & u32::from((0.0..=1.0).contains(&v)));
+    within == 1
 }
 
 dispatch!(fn unit_interval(values: &[f32]) -> bool = unit_interval_generic);

@@ -150,15 +150,13 @@ pub fn all_within(values: &[f32], limit: f32) -> bool {
 
 #[inline(always)]
 fn chunk_within_generic(values: &[f32], limit: f32) -> bool {
-    // Lane-wise AND over |v| <= limit (false for NaN), so it vectorizes.
-    let mut ok = [true; 16];
-    let mut chunks = values.chunks_exact(16);
-    for c in &mut chunks {
-        for k in 0..16 {
-            ok[k] &= c[k].abs() <= limit;
-        }
-    }
-    ok.iter().all(|&o| o) && chunks.remainder().iter().all(|v| v.abs() <= limit)
+    // One AND over the flat slice of |v| <= limit (false for NaN), as integers, which
+    // vectorizes along the slice. (An AND over 16 lanes of bools was vectorized across 16
+    // iterations at a time, with gathers: 31 against 20 us for 153,600 values.)
+    let within = values
+        .iter()
+        .fold(1u32, |all, v| all & u32::from(v.abs() <= limit));
+    within == 1
 }
 
 dispatch!(fn chunk_within(values: &[f32], limit: f32) -> bool = chunk_within_generic);
@@ -166,6 +164,32 @@ dispatch!(fn chunk_within(values: &[f32], limit: f32) -> bool = chunk_within_gen
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The check answers as the plain test of every value does, for a value out of bounds, an
+    /// infinity or a NaN anywhere (in a vector, its last lane, past the last whole vector, in
+    /// a later chunk), and at the limit itself.
+    #[test]
+    fn all_within_matches_the_plain_test() {
+        for len in [0, 1, 15, 16, 17, 64, 100, CHUNK + 33] {
+            let base: Vec<f32> = (0..len).map(|k| ((k % 13) as f32 - 6.0) * 0.5).collect();
+            let mut cases = vec![(base.clone(), 3.0), (base.clone(), 2.5)];
+            for at in [0, 15, 16, len.saturating_sub(1), CHUNK + 1] {
+                for bad in [f32::NAN, f32::INFINITY, -f32::INFINITY, -4.0, f32::MAX] {
+                    if at < len {
+                        let mut v = base.clone();
+                        v[at] = bad;
+                        cases.push((v, 3.0));
+                    }
+                }
+            }
+            for (v, limit) in cases {
+                let want = v.iter().all(|x| x.abs() <= limit);
+                assert_eq!(all_within(&v, limit), want, "length {len}, limit {limit}");
+                let finite = v.iter().all(|x| x.is_finite());
+                assert_eq!(all_finite(&v), finite, "length {len}");
+            }
+        }
+    }
 
     #[test]
     fn first_step_moves_by_lr() {
