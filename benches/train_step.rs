@@ -161,6 +161,20 @@ fn passes(c: &mut Criterion) {
     };
     let mut cols_m = BatchNonzeros::default();
     pool.install(|| cols_m.build(&xm, B, 784, 2));
+    // 1024 outputs: rows of 4 KB, which land in the same L1 sets.
+    let (wt_wide, bias_wide) = (pseudo(784 * 1024, 12), pseudo(1024, 13));
+    let mut out_wide = vec![0.0f32; B * 1024];
+    g.bench_function(
+        "first layer: sparse forward, MNIST's zeros, 1024 outputs",
+        |bench| {
+            bench.iter(|| {
+                let cols = cols_m.get();
+                let relu = fastvae::Activation::Relu;
+                let (w, b, out) = (&wt_wide, &bias_wide, &mut out_wide);
+                pool.install(|| first_layer::forward(out, &xm, cols, w, b, B, 784, 1024, relu))
+            })
+        },
+    );
     g.bench_function("first layer: sparse forward, MNIST's zeros", |bench| {
         bench.iter(|| {
             let cols = cols_m.get();

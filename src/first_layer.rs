@@ -224,13 +224,13 @@ impl BatchNonzeros {
     }
 }
 
-/// out (R, W) block c0..c0 + W of the part's rows += the part's entries times wt's rows,
-/// group by group: the group's GROUP rows of wt (GROUP x W) stay in registers while each
-/// entry's block of out is loaded, gets its GROUP multiply-adds per output in column order,
-/// and is stored. Groups `groups` are whole (every column below d).
+/// block (R, W) += the part's entries times wt's columns c0..c0 + W, group by group: the
+/// group's GROUP rows of wt (GROUP x W) stay in registers while each entry's row of the block
+/// is loaded, gets its GROUP multiply-adds per output in column order, and is stored. Groups
+/// `groups` are whole (every column below d).
 #[inline(always)]
 fn group_block<const W: usize, const FMA: bool>(
-    out: &mut [f32],
+    block: &mut [f32],
     part: &ColumnPart,
     wt: &[f32],
     o: usize,
@@ -241,8 +241,8 @@ fn group_block<const W: usize, const FMA: bool>(
     // Checked once here instead of per entry (a third of the AVX2 loop's instructions): every
     // entry's row is one of the part's.
     assert!(
-        c0 + W <= o && part.rows * o <= out.len(),
-        "out holds the part's rows"
+        c0 + W <= o && part.rows * W <= block.len(),
+        "the block holds the part's rows"
     );
     for g in groups {
         let w = |j: usize| -> [f32; W] {
@@ -255,9 +255,8 @@ fn group_block<const W: usize, const FMA: bool>(
             let r = b as usize - part.row0;
             debug_assert!(r < part.rows);
             // SAFETY: r < part.rows (`ColumnPart::fill` indexes only its own rows), so with the
-            // assert above (r + 1) * o <= out.len() and the W outputs from r * o + c0 are in
-            // out; [f32; W] has f32's alignment.
-            let dst = unsafe { &mut *out.as_mut_ptr().add(r * o + c0).cast::<[f32; W]>() };
+            // assert above (r + 1) * W <= block.len(); [f32; W] has f32's alignment.
+            let dst = unsafe { &mut *block.as_mut_ptr().add(r * W).cast::<[f32; W]>() };
             for k in 0..W {
                 let mut a = dst[k];
                 a = fmadd::<FMA>(v[0], w0[k], a);
@@ -309,11 +308,13 @@ fn group_forward_generic<const FMA: bool, const NARROW: bool>(
     d: usize,
 ) {
     let o = bias.len();
-    for row in out.chunks_exact_mut(o) {
-        row.copy_from_slice(bias);
-    }
+    let rows = out.len() / o;
     let whole = 0..d / GROUP;
     let full = o / 16 * 16;
+    // Each block is summed in its own buffer, rows W apart: out's rows are O apart, which for
+    // O a multiple of 1024 (4 KB) puts a block's rows in the same L1 sets (hidden 1024 on two
+    // threads trained at 23,000 samples/s, against 27,700 with the pass by row).
+    let mut buf = vec![0.0f32; rows * 48];
     let mut c = 0;
     while c < full {
         // AVX-512: pieces of equal width, at most 48 (12 registers of weights; on a real MNIST
@@ -326,16 +327,26 @@ fn group_forward_generic<const FMA: bool, const NARROW: bool>(
             (true, _) => 16,
             (false, _) => left.div_ceil(left.div_ceil(48)).next_multiple_of(16),
         };
+        let block = &mut buf[..rows * width];
+        for row in block.chunks_exact_mut(width) {
+            row.copy_from_slice(&bias[c..c + width]);
+        }
         let groups = whole.clone();
         match width {
-            16 => group_block::<16, FMA>(out, part, wt, o, c, groups),
-            24 => group_block::<24, FMA>(out, part, wt, o, c, groups),
-            32 => group_block::<32, FMA>(out, part, wt, o, c, groups),
-            _ => group_block::<48, FMA>(out, part, wt, o, c, groups),
+            16 => group_block::<16, FMA>(block, part, wt, o, c, groups),
+            24 => group_block::<24, FMA>(block, part, wt, o, c, groups),
+            32 => group_block::<32, FMA>(block, part, wt, o, c, groups),
+            _ => group_block::<48, FMA>(block, part, wt, o, c, groups),
+        }
+        for (dst, src) in out.chunks_exact_mut(o).zip(block.chunks_exact(width)) {
+            dst[c..c + width].copy_from_slice(src);
         }
         c += width;
     }
     if c < o {
+        for row in out.chunks_exact_mut(o) {
+            row[c..].copy_from_slice(&bias[c..]);
+        }
         group_ragged::<FMA>(out, part, wt, (o, d), c..o, whole.clone());
     }
     // A last group that d ends inside, for every output, after the whole ones.
