@@ -184,6 +184,19 @@ fn passes(c: &mut Criterion) {
             })
         })
     });
+    // The weight gradient alone (into a buffer) with 1024 outputs, as above.
+    let dh_wide = pseudo(B * 1024, 14);
+    let mut dwt_wide = vec![0.0f32; 784 * 1024];
+    g.bench_function(
+        "first layer: sparse weight gradient, MNIST's zeros, 1024 outputs",
+        |bench| {
+            bench.iter(|| {
+                let cols = cols_m.get().expect("indexed");
+                let sink = GradSink::Store(&mut dwt_wide);
+                pool.install(|| sparse_weight_backward(sink, cols, &dh_wide, 784, 1024))
+            })
+        },
+    );
     // Fused with Adam, as training runs it: on 1 and 2 threads, the pool's workers kept
     // polling (`keep_awake`) as they are through a training step.
     for threads in [1, 2] {

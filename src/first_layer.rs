@@ -472,7 +472,8 @@ impl GradSink<'_> {
 }
 
 /// Outputs c0..c0 + W of the weight gradient's rows for column groups `groups` (rows
-/// groups.start * GROUP on are the sink's first): GROUP x W sums in registers, each one chain
+/// groups.start * GROUP on are the sink's first), from `block`, dh's columns c0..c0 + W for
+/// every batch row, W apart: GROUP x W sums in registers, each one chain
 /// over the group's rows in order, so every output sums its nonzeros in the same order
 /// whatever the blocks (a zero value adds exactly nothing: dh is finite here, see
 /// `sparse_weight_backward`).
@@ -480,7 +481,7 @@ impl GradSink<'_> {
 fn grad_block<const W: usize, const FMA: bool>(
     sink: &mut GradSink<'_>,
     cols: &BatchNonzeros,
-    dh: &[f32],
+    block: &[f32],
     (o, d): (usize, usize),
     groups: Range<usize>,
     c0: usize,
@@ -493,8 +494,8 @@ fn grad_block<const W: usize, const FMA: bool>(
         let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; W], [0.0f32; W], [0.0f32; W], [0.0f32; W]);
         for part in &cols.parts {
             for &(b, v) in part.group(g) {
-                let at = b as usize * o + c0;
-                let src: &[f32; W] = dh[at..at + W].try_into().expect("W wide");
+                let at = b as usize * W;
+                let src: &[f32; W] = block[at..at + W].try_into().expect("W wide");
                 for k in 0..W {
                     a0[k] = fmadd::<FMA>(v[0], src[k], a0[k]);
                     a1[k] = fmadd::<FMA>(v[1], src[k], a1[k]);
@@ -521,7 +522,7 @@ fn grad_block<const W: usize, const FMA: bool>(
 fn grad_block_narrow<const FMA: bool>(
     sink: &mut GradSink<'_>,
     cols: &BatchNonzeros,
-    dh: &[f32],
+    block: &[f32],
     (o, d): (usize, usize),
     groups: Range<usize>,
     c0: usize,
@@ -533,8 +534,8 @@ fn grad_block_narrow<const FMA: bool>(
     // against 8, it measured no change): every entry's row is below the batch's row count.
     let rows = cols.rows();
     assert!(
-        c0 + 16 <= o && rows * o <= dh.len(),
-        "dh holds the batch's rows"
+        c0 + 16 <= o && rows * 16 <= block.len(),
+        "the block holds the batch's rows"
     );
     for g in groups {
         let z = [0.0f32; 8];
@@ -543,11 +544,11 @@ fn grad_block_narrow<const FMA: bool>(
         for part in &cols.parts {
             for (b, v) in part.group(g) {
                 debug_assert!((*b as usize) < rows);
-                let at = *b as usize * o + c0;
+                let at = *b as usize * 16;
                 // SAFETY: b < rows (`ColumnPart::fill` indexes only its own rows), so with the
-                // assert above at + 16 <= (b + 1) * o <= dh.len(); [f32; 8] has f32's alignment.
+                // assert above at + 16 <= block.len(); [f32; 8] has f32's alignment.
                 let (lo, hi) = unsafe {
-                    let p = dh.as_ptr().add(at).cast::<[f32; 8]>();
+                    let p = block.as_ptr().add(at).cast::<[f32; 8]>();
                     (&*p, &*p.add(1))
                 };
                 for k in 0..8 {
@@ -578,7 +579,7 @@ fn grad_block_narrow<const FMA: bool>(
 fn grad_ragged<const FMA: bool>(
     sink: &mut GradSink<'_>,
     cols: &BatchNonzeros,
-    dh: &[f32],
+    block: &[f32],
     (o, d): (usize, usize),
     groups: Range<usize>,
     c0: usize,
@@ -588,7 +589,7 @@ fn grad_ragged<const FMA: bool>(
         let mut acc = [[0.0f32; 16]; GROUP];
         for part in &cols.parts {
             for &(b, v) in part.group(g) {
-                let src = &dh[b as usize * o + c0..][..w];
+                let src = &block[b as usize * w..][..w];
                 for r in 0..GROUP {
                     for k in 0..w {
                         acc[r][k] = fmadd::<FMA>(v[r], src[k], acc[r][k]);
@@ -620,6 +621,17 @@ fn weight_grad_generic<const FMA: bool, const NARROW: bool>(
 ) {
     let o = dims.0;
     let full = o / 16 * 16;
+    // Each block of dh is read from its own copy, rows W apart: dh's rows are O apart, which
+    // for O a multiple of 1024 (4 KB) puts a block's rows in the same L1 sets.
+    let rows = cols.rows();
+    let mut buf = vec![0.0f32; rows * 96];
+    fn copy<'b>(buf: &'b mut [f32], dh: &[f32], o: usize, c: usize, width: usize) -> &'b [f32] {
+        let block = &mut buf[..dh.len() / o * width];
+        for (dst, src) in block.chunks_exact_mut(width).zip(dh.chunks_exact(o)) {
+            dst.copy_from_slice(&src[c..c + width]);
+        }
+        block
+    }
     let mut c = 0;
     while c < full {
         // Pieces of 16 outputs in this block: 6 at most (1 on AVX2), and not a lone 1 after
@@ -631,20 +643,21 @@ fn weight_grad_generic<const FMA: bool, const NARROW: bool>(
             0..=6 => left,
             _ => 6,
         };
-        let groups = groups.clone();
+        let (groups, block) = (groups.clone(), copy(&mut buf, dh, o, c, 16 * take));
         match take {
-            _ if NARROW => grad_block_narrow::<FMA>(sink, cols, dh, dims, groups, c),
-            1 => grad_block::<16, FMA>(sink, cols, dh, dims, groups, c),
-            2 => grad_block::<32, FMA>(sink, cols, dh, dims, groups, c),
-            3 => grad_block::<48, FMA>(sink, cols, dh, dims, groups, c),
-            4 => grad_block::<64, FMA>(sink, cols, dh, dims, groups, c),
-            5 => grad_block::<80, FMA>(sink, cols, dh, dims, groups, c),
-            _ => grad_block::<96, FMA>(sink, cols, dh, dims, groups, c),
+            _ if NARROW => grad_block_narrow::<FMA>(sink, cols, block, dims, groups, c),
+            1 => grad_block::<16, FMA>(sink, cols, block, dims, groups, c),
+            2 => grad_block::<32, FMA>(sink, cols, block, dims, groups, c),
+            3 => grad_block::<48, FMA>(sink, cols, block, dims, groups, c),
+            4 => grad_block::<64, FMA>(sink, cols, block, dims, groups, c),
+            5 => grad_block::<80, FMA>(sink, cols, block, dims, groups, c),
+            _ => grad_block::<96, FMA>(sink, cols, block, dims, groups, c),
         }
         c += 16 * take;
     }
     if c < o {
-        grad_ragged::<FMA>(sink, cols, dh, dims, groups, c);
+        let block = copy(&mut buf, dh, o, c, o - c);
+        grad_ragged::<FMA>(sink, cols, block, dims, groups, c);
     }
 }
 
