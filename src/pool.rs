@@ -69,15 +69,17 @@ impl Pool {
 /// On an idle machine the full pool is fastest. When another process keeps a core busy, the
 /// full pool's workers are descheduled in turn and each waits for the other at every split:
 /// training on two threads fell to about half its one-thread speed. So the choice is measured:
-/// each slice's seconds per row are kept (a moving average) for the pool it ran on, training
+/// each pool's seconds per row are kept (over its recent slices, weighted by their rows, so
+/// that a fit's first small slices, slowed by warming up, count little), training
 /// runs on the faster, and the other is tried for one slice now and then (sooner when the
 /// current one slows down) to notice when the load comes or goes. Results do not depend on the
 /// choice: every split that changes how sums round follows the model's thread count
 /// (`Workspace::parts`), not the running pool's.
 #[derive(Debug, Clone)]
 pub struct PoolChoice {
-    /// Moving averages of seconds per row, [full, solo]; None until measured.
-    per_row: [Option<f64>; 2],
+    /// Seconds and rows of each pool's slices, [full, solo], halved at each new slice of the
+    /// pool: their ratio is its recent seconds per row, weighted by rows; rows 0 until measured.
+    spent: [(f64, f64); 2],
     /// The pool training runs on between trials (0 full, 1 solo).
     current: usize,
     /// When the other pool is next tried, and the gap after that (doubled while trials
@@ -88,7 +90,11 @@ pub struct PoolChoice {
     pub forced: Option<usize>,
 }
 
-/// The first trial's delay and the shortest gap between trials.
+/// The first trial's delay: soon, so that a short fit on a loaded machine does not spend its
+/// first second on a full pool that waits for a busy core (a 2-epoch fit with one core busy
+/// ran at 0.65-0.7x the one-thread speed; a trial costs one slice, about 0.1 s, once).
+const FIRST_TRIAL: std::time::Duration = std::time::Duration::from_millis(250);
+/// The shortest gap between trials.
 const MIN_TRIAL_GAP: std::time::Duration = std::time::Duration::from_secs(1);
 /// The longest gap: a trial of the slower pool costs a slice at its speed, so on an idle
 /// machine the trials cost well under 1% of the time at this gap.
@@ -100,12 +106,18 @@ impl PoolChoice {
     /// Choosing by measurement, or held to `forced`.
     pub fn new(forced: Option<usize>) -> Self {
         PoolChoice {
-            per_row: [None, None],
+            spent: [(0.0, 0.0); 2],
             current: 0,
-            next_trial: std::time::Instant::now() + MIN_TRIAL_GAP,
+            next_trial: std::time::Instant::now() + FIRST_TRIAL,
             gap: MIN_TRIAL_GAP,
             forced,
         }
+    }
+
+    /// Pool `which`'s recent seconds per row, once measured.
+    fn per_row(&self, which: usize) -> Option<f64> {
+        let (s, r) = self.spent[which];
+        (r > 0.0).then(|| s / r)
     }
 
     /// The pool for the next slice: 0 full, 1 solo.
@@ -134,13 +146,13 @@ impl PoolChoice {
             return;
         }
         let sample = seconds / rows as f64;
-        let avg = &mut self.per_row[which];
-        let slowed = avg.is_some_and(|a| sample > SLOWDOWN * a);
-        *avg = Some(avg.map_or(sample, |a| 0.5 * a + 0.5 * sample));
+        let slowed = self.per_row(which).is_some_and(|a| sample > SLOWDOWN * a);
+        let (s, r) = &mut self.spent[which];
+        (*s, *r) = (0.5 * *s + seconds, 0.5 * *r + rows as f64);
         if which != self.current {
             // A trial: switch if the other pool is faster (by a margin, so noise does not
             // flip it), and try again sooner after a switch, later after a confirmation.
-            let (here, there) = (self.per_row[self.current], self.per_row[which]);
+            let (here, there) = (self.per_row(self.current), self.per_row(which));
             let switch = match (here, there) {
                 (Some(h), Some(t)) => t < 0.95 * h,
                 _ => false,
@@ -279,6 +291,30 @@ mod tests {
         // The load ends: the full pool is tried again and wins back within the longest gap.
         let used = run(&mut c, 1.0, 1.6, 40);
         assert_eq!(c.current, 0, "{used:?}");
+        // A new choice tries solo within its first 0.3 s, and a first small slice slowed by
+        // warming up (30 times slower per row, as the first slice of a fit measured) does not
+        // make it look faster.
+        let mut c = PoolChoice::new(None);
+        let start = Instant::now();
+        c.record_at(start, 0, 30.0 * 128.0, 128);
+        let mut t = start;
+        let mut tried = None;
+        for k in 0..10u32 {
+            t += Duration::from_millis(50);
+            let which = c.pick_at(t);
+            if which == 1 {
+                tried.get_or_insert(t - start);
+            }
+            let rows = 256 << k.min(5);
+            let per_row = if which == 0 { 1.0 } else { 1.6 };
+            c.record_at(t, which, per_row * rows as f64, rows);
+        }
+        let tried = tried.expect("solo was tried");
+        assert!(
+            tried <= Duration::from_millis(300),
+            "first trial after {tried:?}"
+        );
+        assert_eq!(c.current, 0);
         // Forced: no choosing.
         let mut f = PoolChoice::new(Some(1));
         assert_eq!(run(&mut f, 1.0, 9.0, 5), [0, 50]);
