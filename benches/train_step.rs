@@ -35,6 +35,24 @@ fn products(c: &mut Criterion) {
         ("head_forward h Wh^T", B, 400, 40, Op::Plain, Op::Transposed),
         ("dec0_dinp dy Wd0", B, 400, 20, Op::Plain, Op::Plain),
         ("dec0_dweight dy^T z", 400, B, 20, Op::Transposed, Op::Plain),
+        // The output layer's products with a hidden layer of 1024: rows of 4 KB.
+        (
+            "out_forward H=1024",
+            B,
+            1024,
+            784,
+            Op::Plain,
+            Op::Transposed,
+        ),
+        ("out_dinp H=1024", B, 784, 1024, Op::Plain, Op::Plain),
+        (
+            "out_dweight H=1024",
+            784,
+            B,
+            1024,
+            Op::Transposed,
+            Op::Plain,
+        ),
     ];
     for threads in [1, 2] {
         let pool = build_pool(threads).unwrap();
