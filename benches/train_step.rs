@@ -108,6 +108,18 @@ fn passes(c: &mut Criterion) {
     g.bench_function("adam 652,824 params", |bench| {
         bench.iter(|| pool.install(|| adam_step(&mut p, &grads, &mut state, AdamConfig::default())))
     });
+    // A batch gathered from 8-bit levels (MNIST's 60,000 rows), rows in a shuffled order.
+    let levels: Vec<f32> = (0..60_000 * 784)
+        .map(|k: usize| ((k * 2_654_435_761) >> 24 & 255) as f32 / 255.0)
+        .collect();
+    let images = Dataset::new(levels, 60_000, 784).unwrap();
+    let rows: Vec<u32> = (0..B as u32)
+        .map(|r| r.wrapping_mul(7919) % 60_000)
+        .collect();
+    let mut xb = vec![0.0f32; B * 784];
+    g.bench_function("gather a batch of 8-bit levels", |bench| {
+        bench.iter(|| pool.install(|| fastvae::dataset::gather(&mut xb, &images, &rows)))
+    });
     // A step's finiteness check reads about 150,000 values (two activations and the small
     // layers' gradients): here as many, in one slice.
     g.bench_function("finiteness check of 153,600 values", |bench| {

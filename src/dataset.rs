@@ -230,15 +230,25 @@ fn to_levels_generic(k: &mut [u8], v: &[f32]) -> Option<u32> {
 
 dispatch!(fn to_levels(k: &mut [u8], v: &[f32]) -> Option<u32> = to_levels_generic);
 
-/// dst = k / 255 for each byte k, rounded as float32 division rounds (as numpy's).
+/// dst = k / 255 for each byte k, rounded as float32 division rounds (as numpy's). With FMA,
+/// without a division: q = k r (r = 1/255 rounded), then q + (k - 255 q) r, whose residual
+/// k - 255 q one FMA gives exactly; that equals the division for all 256 bytes (tested), at a
+/// third of the cost where vector division is slow.
 #[inline(always)]
-fn from_levels_generic(dst: &mut [f32], k: &[u8]) {
+fn from_levels_generic<const FMA: bool>(dst: &mut [f32], k: &[u8]) {
+    const R: f32 = 1.0 / 255.0;
     for (d, &k) in dst.iter_mut().zip(k) {
-        *d = k as f32 / 255.0;
+        let k = f32::from(k);
+        *d = if FMA {
+            let q = k * R;
+            (-q).mul_add(255.0, k).mul_add(R, q)
+        } else {
+            k / 255.0
+        };
     }
 }
 
-dispatch!(fn from_levels(dst: &mut [f32], k: &[u8]) -> () = from_levels_generic);
+dispatch!(fn from_levels(dst: &mut [f32], k: &[u8]) -> () = from_levels_generic::<true>, from_levels_generic::<false>);
 
 /// True when every value is in [0, 1] (false for NaN).
 #[inline(always)]
@@ -281,6 +291,22 @@ pub fn binarize_fixed(x: &mut [f32], d: usize, seed: u64) {
 mod tests {
     use super::*;
     use crate::layers::tests::same_bits;
+
+    /// Both conversions of a byte, with FMA and by division, give k / 255 as float32 division
+    /// rounds it, for every byte.
+    #[test]
+    fn from_levels_divides_exactly() {
+        let k: Vec<u8> = (0..=255).collect();
+        let want: Vec<f32> = k.iter().map(|&k| f32::from(k) / 255.0).collect();
+        let (mut fused, mut plain, mut dispatched) =
+            (vec![0.0; 256], vec![0.0; 256], vec![0.0; 256]);
+        from_levels_generic::<true>(&mut fused, &k);
+        from_levels_generic::<false>(&mut plain, &k);
+        from_levels(&mut dispatched, &k);
+        assert!(same_bits(&fused, &want));
+        assert!(same_bits(&plain, &want));
+        assert!(same_bits(&dispatched, &want));
+    }
 
     #[test]
     fn levels_hold_8_bit_images_exactly() {
