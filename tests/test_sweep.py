@@ -189,10 +189,16 @@ def test_ctrl_c_stops_the_sweep_and_resume_continues_it(
     rows = _rows(out)
     assert len(rows) == 4
     assert all(r["status"] == "done" and r["epochs"] == str(epochs) for r in rows)
-    # Every trial went on from where it was: none trained its first epoch twice.
+    # Every trial went on from where it was: at most the epoch in flight when Ctrl-C came (its
+    # report written, its checkpoint not yet in the experiment's state) is trained again, never
+    # the ones before it.
     for reports in _reports(out):
         seen = [r["epoch"] for r in reports]
-        assert seen.count(1) == 1 and seen[-1] == epochs
+        assert seen[-1] == epochs, seen
+        back = [i for i in range(1, len(seen)) if seen[i] != seen[i - 1] + 1]
+        assert len(back) <= 1, seen
+        if back:
+            assert seen[back[0]] == seen[back[0] - 1], seen
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint(
