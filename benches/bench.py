@@ -350,11 +350,22 @@ def apply_max_isa(isa: str) -> None:
         os.environ[var] = value
 
 
+# The busy loop checks every few milliseconds that this script is still its parent, so that it
+# ends with the script however the script ends (SIGKILL included), never left spinning.
+HOG_CODE = """
+import os
+parent = os.getppid()
+while os.getppid() == parent:
+    for _ in range(100_000):
+        pass
+"""
+
+
 def start_hog() -> subprocess.Popen[str]:
     """Another process that keeps one core busy (--loaded): what a browser, a notebook or a
     second job does to a training run on a shared machine."""
     return subprocess.Popen(
-        [sys.executable, "-c", "while True: pass"],
+        [sys.executable, "-c", HOG_CODE],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -994,6 +1005,10 @@ def has_mnist(data: str) -> bool:
     return any(os.path.exists(os.path.join(data, n)) for n in names)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1002,6 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
         args.limit = args.limit or 0
         return worker_fastvae(args)
 
+    # SIGTERM (kill, a CI timeout) stops the runs as Ctrl-C does: children and the busy loop
+    # are stopped, and the results so far are written.
+    signal.signal(signal.SIGTERM, _terminate)
     if args.max_isa:
         apply_max_isa(args.max_isa)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]

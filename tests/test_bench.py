@@ -1,0 +1,54 @@
+"""benches/bench.py's busy loop (--loaded) never outlives the benchmark: a benchmark killed
+outright (SIGKILL, a CI timeout) left it spinning on a core, and every later measurement on
+the machine ran loaded without saying so."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHES = Path(__file__).resolve().parents[1] / "benches"
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+
+
+def _running(pid: int) -> bool:
+    """Whether pid exists and is not a zombie (an orphan's zombie may wait to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_busy_loop_ends_with_the_benchmark() -> None:
+    parent_code = (
+        f"import sys, time; sys.path.insert(0, {str(BENCHES)!r}); import bench; "
+        "hog = bench.start_hog(); print(hog.pid, flush=True); time.sleep(120)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
+    )
+    hog = None
+    try:
+        assert parent.stdout is not None
+        hog = int(parent.stdout.readline())
+        time.sleep(0.3)
+        assert _running(hog), "the busy loop did not start"
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _running(hog) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(hog), "the busy loop outlived the benchmark that started it"
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+        if hog is not None and _running(hog):
+            os.kill(hog, signal.SIGKILL)
