@@ -320,10 +320,11 @@ fn group_forward_generic<const FMA: bool, const NARROW: bool>(
         // AVX-512: pieces of equal width, at most 48 (12 registers of weights; on a real MNIST
         // batch, 2 threads, medians of 10 interleaved runs: 76 us, against 82 with 32 and 64,
         // 97 with 80). AVX2: 24 (12 registers of weights, one of them spilled; 113 us against
-        // 124 with 16).
+        // 124 with 16), then 16 where 24 would leave 8 (left is 32 at most there: a piece of
+        // 24 past 8 outputs, which ran past out's rows, made 32 outputs panic).
         let left = full - c;
         let width = match (NARROW, left) {
-            (true, 24..) => 24,
+            (true, 24 | 40..) => 24,
             (true, _) => 16,
             (false, _) => left.div_ceil(left.div_ceil(48)).next_multiple_of(16),
         };
@@ -849,6 +850,57 @@ mod tests {
                     same_bits(&got, &want),
                     "({n}, {i}, {o}) on {threads} threads"
                 );
+            }
+        }
+    }
+
+    /// Every build of the forward pass (AVX-512's blocks, the 16-register ones of AVX2 and the
+    /// plain path, called directly, so each is checked on any CPU) gives each output one chain
+    /// from its bias over the columns in order, for output counts that end each way the blocks
+    /// can: 32 and 80 end where a block of 24 would leave 8 (the 16-register blocks ran past
+    /// the output there), 1000 a block past the last whole 16.
+    #[test]
+    #[cfg_attr(miri, ignore = "slow under Miri; sparse_matches_dense covers the code")]
+    fn every_forward_build_takes_every_output_count() {
+        let (n, i) = (20, 37);
+        let h = |k: usize, s: u32| {
+            ((k as u32 ^ s).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32
+        };
+        let x: Vec<f32> = (0..n * i)
+            .map(|k| if h(k, 1) < 0.3 { h(k, 2) - 0.4 } else { 0.0 })
+            .collect();
+        let mut cols = BatchNonzeros::default();
+        cols.build(&x, n, i, 1);
+        let part = &cols.parts[0];
+        assert_eq!(part.rows, n);
+        type Build = fn(&mut [f32], &ColumnPart, &[f32], &[f32], usize);
+        let builds: [(&str, bool, Build); 3] = [
+            ("wide", true, group_forward_generic::<true, false>),
+            ("narrow", true, group_forward_generic::<true, true>),
+            ("plain", false, group_forward_generic::<false, true>),
+        ];
+        for o in [16, 24, 32, 48, 64, 80, 100, 128, 400, 1000] {
+            let wt: Vec<f32> = (0..i * o).map(|k| h(k, 3) - 0.5).collect();
+            let bias: Vec<f32> = (0..o).map(|k| h(k, 4)).collect();
+            for (name, fused, build) in builds {
+                let mut want = vec![0.0f32; n * o];
+                for r in 0..n {
+                    for k in 0..o {
+                        let mut acc = bias[k];
+                        for c in (0..i).filter(|&c| x[r * i + c] != 0.0) {
+                            let (v, w) = (x[r * i + c], wt[c * o + k]);
+                            acc = if fused {
+                                v.mul_add(w, acc)
+                            } else {
+                                v * w + acc
+                            };
+                        }
+                        want[r * o + k] = acc;
+                    }
+                }
+                let mut got = vec![f32::NAN; n * o];
+                build(&mut got, part, &wt, &bias, i);
+                assert!(same_bits(&got, &want), "{name} build, {o} outputs");
             }
         }
     }

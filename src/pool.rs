@@ -229,10 +229,20 @@ pub fn keep_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
                 }
             });
         }
-        let result = f();
-        done.store(true, Ordering::Release);
-        result
+        // Set when f returns or unwinds: the scope waits for the pollers, so a panic in f
+        // (reported to Python as an exception) would otherwise leave them, and it, spinning.
+        let _stop = SetOnDrop(&done);
+        f()
     })
+}
+
+/// Sets its flag when dropped, unwinding included.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 #[cfg(all(target_arch = "x86_64", not(miri)))]
@@ -254,6 +264,30 @@ fn flush_denormals() {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg_attr(miri, ignore = "threads and a timeout")]
+    fn a_panic_under_keep_awake_reaches_the_caller() {
+        // The panic in a parallel region of f, on either thread, comes back to the caller
+        // instead of leaving the pollers (and the caller) spinning.
+        let pool = Pool::new(2).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.install(|| {
+                    keep_awake(|| {
+                        rayon::join(
+                            || std::thread::sleep(std::time::Duration::from_millis(20)),
+                            || panic!("a kernel's panic"),
+                        )
+                    })
+                })
+            }));
+            tx.send(outcome.is_err()).unwrap();
+        });
+        let panicked = rx.recv_timeout(std::time::Duration::from_secs(30));
+        assert_eq!(panicked, Ok(true), "keep_awake hung or swallowed the panic");
+    }
 
     #[test]
     fn rejects_bad_thread_counts() {
