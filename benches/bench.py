@@ -86,6 +86,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -119,6 +120,10 @@ QUICK_EPOCHS = 2
 QUICK_LIMIT = 20_000
 QUICK_GRID_LIMIT = 10_000
 GRID_EPOCHS = 2
+# Longest a --loaded run of one system may take (--run-limit): a normal 10-epoch run of any
+# system took under 2 minutes loaded; PyTorch, whose threads wait for each other, ran at a few
+# hundred samples/s (AMD EPYC Zen 3), over half an hour.
+LOADED_RUN_LIMIT = 900
 STDERR_TAIL = 25
 
 
@@ -264,9 +269,13 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 def run_child(
-    cmd: list[str], env: dict[str, str], on_line: Callable[[str], None]
-) -> tuple[int, str]:
-    """Run cmd, feeding each stdout line to on_line; return (exit code, stderr text).
+    cmd: list[str],
+    env: dict[str, str],
+    on_line: Callable[[str], None],
+    limit: float | None = None,
+) -> tuple[int, str, bool]:
+    """Run cmd, feeding each stdout line to on_line; return (exit code, stderr text, whether
+    it was stopped at `limit` seconds).
 
     The child gets its own session, so Ctrl-C reaches only this script, which then stops it.
     """
@@ -281,7 +290,17 @@ def run_child(
             cwd=REPO,
             start_new_session=True,
         )
+        stopped = threading.Event()
+
+        def stop_at_limit() -> None:
+            stopped.set()
+            _stop(proc)
+
+        timer = threading.Timer(limit, stop_at_limit) if limit else None
         try:
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
             assert proc.stdout is not None
             for line in proc.stdout:
                 on_line(line)
@@ -290,10 +309,12 @@ def run_child(
             _stop(proc)
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             if proc.stdout is not None:
                 proc.stdout.close()
         err.seek(0)
-        return rc, err.read()
+        return rc, err.read(), stopped.is_set()
 
 
 def _tail(text: str, n: int = STDERR_TAIL) -> list[str]:
@@ -458,12 +479,14 @@ def run_system(
     busy0, kids0, self0 = _busy_cpu_seconds(), _children_cpu_seconds(), _self_cpu_seconds()
     hog = start_hog() if settings.get("loaded") else None
     try:
-        rc, stderr = run_child(cmd, _child_env(cfg.threads), on_line)
+        rc, stderr, timed_out = run_child(
+            cmd, _child_env(cfg.threads), on_line, settings.get("run_limit")
+        )
     except KeyboardInterrupt:
         print("  [interrupted]", flush=True)
         raise
     except OSError as e:
-        rc, stderr = -1, f"could not start {cmd[0]}: {e}"
+        rc, stderr, timed_out = -1, f"could not start {cmd[0]}: {e}", False
     finally:
         if hog is not None:
             # Stopped and waited for before the CPU accounting below, so its CPU time counts
@@ -479,7 +502,14 @@ def run_system(
     rec["returncode"] = rc
     rec["stderr_tail"] = _tail(stderr, 12)
     problem = None
-    if rc != 0:
+    if timed_out:
+        rates = [e["samples_per_sec"] for e in rec["epochs"] if e.get("samples_per_sec")]
+        so_far = f", median {statistics.median(rates):,.0f} samples/s" if rates else ""
+        problem = (
+            f"stopped at the run limit of {settings['run_limit']:.0f} s after "
+            f"{len(rec['epochs'])} of {settings['epochs']} epochs{so_far}"
+        )
+    elif rc != 0:
         problem = f"exit code {rc}"
     elif len(rec["epochs"]) != settings["epochs"]:
         problem = f"{len(rec['epochs'])} of {settings['epochs']} epoch lines"
@@ -510,7 +540,7 @@ def measure_gemm_peak(peer_python: Path, quick: bool) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     busy0, kids0 = _busy_cpu_seconds(), _children_cpu_seconds()
     try:
-        rc, stderr = run_child(cmd, dict(os.environ), lines.append)
+        rc, stderr, _ = run_child(cmd, dict(os.environ), lines.append)
     except OSError as e:
         rc, stderr = -1, str(e)
     wall, busy1 = time.perf_counter() - t0, _busy_cpu_seconds()
@@ -951,6 +981,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Python loop started before and stopped after each run): the shared-machine case",
     )
     add(
+        "--run-limit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop a system's run after this many seconds and report it as failed, with "
+        f"the epochs it finished (default: none; {LOADED_RUN_LIMIT} with --loaded; 0 for none)",
+    )
+    add(
         "--max-isa",
         choices=sorted(MAX_ISA_ENV),
         default=None,
@@ -1054,6 +1092,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = resolve_settings(args)
     settings["systems"] = systems
     settings["loaded"] = bool(args.loaded)
+    # A system that collapses under load (PyTorch's threads wait for each other at a few
+    # hundred samples/s) would hold a --loaded run for hours: such runs are stopped.
+    run_limit = args.run_limit
+    if run_limit is None and args.loaded:
+        run_limit = LOADED_RUN_LIMIT
+    settings["run_limit"] = run_limit if run_limit and run_limit > 0 else None
     centre = Config(args.threads, args.batch_size, tuple(args.hidden), args.latent)
     if args.grid:
         points = grid_configs(centre)
