@@ -784,6 +784,33 @@ mod tests {
         }
     }
 
+    /// A pseudo-random value in [0, 1) for index k of stream s.
+    fn hash01(k: usize, s: u32) -> f32 {
+        ((k as u32 ^ s).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32
+    }
+
+    /// bias + x wt (n, o) for x (n, i), wt (i, o): each output one chain from its bias over
+    /// the row's nonzeros in column order, with fused multiply-adds or without.
+    fn chain_forward(x: &[f32], wt: &[f32], bias: &[f32], n: usize, fused: bool) -> Vec<f32> {
+        let (i, o) = (x.len() / n, bias.len());
+        let mut out = vec![0.0f32; n * o];
+        for r in 0..n {
+            for k in 0..o {
+                let mut acc = bias[k];
+                for c in (0..i).filter(|&c| x[r * i + c] != 0.0) {
+                    let (v, w) = (x[r * i + c], wt[c * o + k]);
+                    acc = if fused {
+                        v.mul_add(w, acc)
+                    } else {
+                        v * w + acc
+                    };
+                }
+                out[r * o + k] = acc;
+            }
+        }
+        out
+    }
+
     /// The forward pass from column groups equals, bit for bit, each output summed in one
     /// chain from its bias over the row's nonzeros in column order, on any number of threads
     /// and parts: a group's zero values add exactly nothing to these (nonzero) sums.
@@ -800,9 +827,7 @@ mod tests {
             (128, 784, 100),
             (3, 4, 25),
         ] {
-            let h = |k: usize, s: u32| {
-                ((k as u32 ^ s).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32
-            };
+            let h = hash01;
             let x: Vec<f32> = (0..n * i)
                 .map(|k| {
                     let (r, c) = (k / i, k % i);
@@ -816,24 +841,8 @@ mod tests {
                 .collect();
             let wt: Vec<f32> = (0..i * o).map(|k| h(k, 3) - 0.5).collect();
             let bias: Vec<f32> = (0..o).map(|k| h(k, 4) + 0.5).collect();
-            let mut want = vec![0.0f32; n * o];
-            for r in 0..n {
-                for k in 0..o {
-                    let mut acc = bias[k];
-                    for c in 0..i {
-                        let v = x[r * i + c];
-                        if v != 0.0 {
-                            let w = wt[c * o + k];
-                            acc = if fused {
-                                v.mul_add(w, acc)
-                            } else {
-                                v * w + acc
-                            };
-                        }
-                    }
-                    want[r * o + k] = acc.max(0.0);
-                }
-            }
+            let mut want = chain_forward(&x, &wt, &bias, n, fused);
+            want.iter_mut().for_each(|v| *v = v.max(0.0));
             for threads in [1, 2, 3] {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -863,9 +872,7 @@ mod tests {
     #[cfg_attr(miri, ignore = "slow under Miri; sparse_matches_dense covers the code")]
     fn every_forward_build_takes_every_output_count() {
         let (n, i) = (20, 37);
-        let h = |k: usize, s: u32| {
-            ((k as u32 ^ s).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32
-        };
+        let h = hash01;
         let x: Vec<f32> = (0..n * i)
             .map(|k| if h(k, 1) < 0.3 { h(k, 2) - 0.4 } else { 0.0 })
             .collect();
@@ -883,21 +890,7 @@ mod tests {
             let wt: Vec<f32> = (0..i * o).map(|k| h(k, 3) - 0.5).collect();
             let bias: Vec<f32> = (0..o).map(|k| h(k, 4)).collect();
             for (name, fused, build) in builds {
-                let mut want = vec![0.0f32; n * o];
-                for r in 0..n {
-                    for k in 0..o {
-                        let mut acc = bias[k];
-                        for c in (0..i).filter(|&c| x[r * i + c] != 0.0) {
-                            let (v, w) = (x[r * i + c], wt[c * o + k]);
-                            acc = if fused {
-                                v.mul_add(w, acc)
-                            } else {
-                                v * w + acc
-                            };
-                        }
-                        want[r * o + k] = acc;
-                    }
-                }
+                let want = chain_forward(&x, &wt, &bias, n, fused);
                 let mut got = vec![f32::NAN; n * o];
                 build(&mut got, part, &wt, &bias, i);
                 assert!(same_bits(&got, &want), "{name} build, {o} outputs");
@@ -915,9 +908,7 @@ mod tests {
         // Widths with a partial last group and ragged last outputs; strokes of nonzeros along
         // the rows (as in images) and isolated ones.
         for (n, i, o) in [(64, 50, 70), (130, 31, 400), (7, 9, 16), (128, 784, 100)] {
-            let h = |k: usize, s: u32| {
-                ((k as u32 ^ s).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32
-            };
+            let h = hash01;
             let x: Vec<f32> = (0..n * i)
                 .map(|k| {
                     let (r, c) = (k / i, k % i);
@@ -976,9 +967,7 @@ mod tests {
         // Widths below, at and above a block, with a ragged last block, and wide enough for the
         // forward's widest blocks; batches below, at and above PART_ROWS.
         for (n, i, o) in [(37, 50, 70), (5, 30, 64), (300, 40, 150), (20, 30, 1000)] {
-            let h = |k: usize, s: u32| {
-                ((k as u32 ^ s).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32
-            };
+            let h = hash01;
             // Inputs with ~70% zeros; input column 3 all zeros.
             let x: Vec<f32> = (0..n * i)
                 .map(|k| {
