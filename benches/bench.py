@@ -211,6 +211,7 @@ def _emit(obj: dict[str, Any]) -> None:
 
 def worker_fastvae(args: argparse.Namespace) -> int:
     import fastvae
+    from fastvae import _core
     from fastvae.datasets import load_mnist
 
     x, _ = load_mnist("train", root=args.data, download=False)
@@ -229,7 +230,14 @@ def worker_fastvae(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    # The step's phases timed inside it (a dozen clock reads a step, some microseconds in
+    # thousands): where the time goes, which kernels timed alone do not show.
+    _core.take_phase_times()
+    _core.set_phase_timers(True)
     vae.fit(x, epochs=args.epochs, batch_size=args.batch_size, progress=False)
+    _core.set_phase_timers(False)
+    steps, phases = _core.take_phase_times()
+    _emit({"system": "fastvae", "steps": steps, "phase_seconds": dict(phases)})
     h = vae.history_
     for i in range(len(h["epoch"])):
         _emit(
@@ -470,6 +478,8 @@ def run_system(
         if obj.get("final"):
             rec["test_loss"] = obj.get("test_loss")
             rec["peak_rss_mb"] = obj.get("peak_rss_mb")
+        elif "phase_seconds" in obj:
+            rec["phases"] = {"steps": obj.get("steps"), "seconds": obj["phase_seconds"]}
         elif "epoch" in obj:
             keys = ("epoch", "seconds", "samples_per_sec", "train_loss")
             rec["epochs"].append({k: obj.get(k) for k in keys})
@@ -732,6 +742,8 @@ def print_table(
             f"   WARNING: other processes kept up to {max(loads):.2f} cores busy during these "
             "runs (see 'other_load' in the JSON): the machine was not idle, numbers unreliable"
         )
+    for line in phase_lines(runs):
+        print(line)
     print("   per-epoch samples/s:")
     for system in [r["system"] for r in rows]:
         for i, run in enumerate(r for r in runs if r["system"] == system):
@@ -739,6 +751,40 @@ def print_table(
             flag = "" if run["ok"] else f"  [failed: {run['error']}]"
             flag += _load_note(run.get("other_load"))
             print(f"     {system:<12} r{i + 1}: {vals}{flag}")
+
+
+def _phase_runs(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Each good fastvae run's microseconds per training step by phase."""
+    return [
+        {k: s / r["phases"]["steps"] * 1e6 for k, s in r["phases"]["seconds"].items()}
+        for r in runs
+        if r["system"] == "fastvae" and r["ok"] and (r.get("phases") or {}).get("steps")
+    ]
+
+
+def phase_us(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """fastvae's microseconds per training step by phase, the median over its good runs."""
+    per_run = _phase_runs(runs)
+    if not per_run:
+        return {}
+    return {k: statistics.median(p[k] for p in per_run) for k in per_run[0]}
+
+
+def phase_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The phase table's lines: each phase's us/step and share of the step, widest first."""
+    us = phase_us(runs)
+    step = us.pop("step", None)
+    if not step:
+        return []
+    n = len(_phase_runs(runs))
+    parts = sorted(us.items(), key=lambda kv: -kv[1])
+    other = step - sum(us.values())
+    cells = [f"{k} {v:,.0f} ({100 * v / step:.0f}%)" for k, v in parts if v >= 0.5]
+    cells.append(f"other {other:,.0f} ({100 * other / step:.0f}%)")
+    lines = [f"   fastvae's step by phase, us (median of {n} run(s), all epochs): {step:,.0f} ="]
+    for i in range(0, len(cells), 4):
+        lines.append("     " + " | ".join(cells[i : i + 4]))
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ use crate::layers::{
     linear_backward,
 };
 use crate::model::{weight_grads, weights, FirstWeight, Vae, Workspace};
+use crate::phases::{Phase, Timer};
 use rayon::prelude::*;
 
 impl Vae {
@@ -41,7 +42,10 @@ impl Vae {
     ) -> f64 {
         if k == 1 {
             self.forward(ws, n, sparse);
-            self.loss(ws, n)
+            let t = Timer::start();
+            let loss = self.loss(ws, n);
+            t.stop(Phase::Loss);
+            loss
         } else {
             self.samples_forward(ws, n, k, sparse);
             self.samples_loss(ws, n, k, objective)

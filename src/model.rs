@@ -20,6 +20,7 @@ use crate::layers::{
 };
 use crate::matmul::{matmul_on, Op};
 use crate::params::{LinearLayout, ParamLayout};
+use crate::phases::{Phase, Timer};
 use rayon::prelude::*;
 
 /// Rows per part at least for the latent block to run by parts (`Vae::latent_parts`).
@@ -305,9 +306,15 @@ impl Vae {
     /// The full forward pass for n rows given ws.x and ws.eps: ws.kl and the logits in
     /// ws.dec.last().
     pub fn forward(&self, ws: &mut Workspace, n: usize, sparse: bool) {
+        let t = Timer::start();
         self.encode_hidden(ws, n, sparse);
+        t.stop(Phase::FirstForward);
+        let t = Timer::start();
         self.latent_forward(ws, n);
+        t.stop(Phase::LatentForward);
+        let t = Timer::start();
         self.decode_from(ws, n, usize::from(self.latent_has_dec0()));
+        t.stop(Phase::DecoderForward);
     }
 
     /// Per-example -log p(x|z) into ws.bce; with `grad`, the decoder's outputs (logits or
@@ -347,9 +354,15 @@ impl Vae {
             let (g, p) = (&mut grads[lv.clone()], &self.params[lv.clone()]);
             gaussian_logvar_backward(g, dm, p, n, None);
         }
+        let t = Timer::start();
         self.decoder_backward(grads, ws, n, usize::from(self.latent_has_dec0()));
+        t.stop(Phase::DecoderBackward);
+        let t = Timer::start();
         self.latent_backward(grads, ws, n);
+        t.stop(Phase::LatentBackward);
+        let t = Timer::start();
         self.encoder_backward(grads, ws, n, first);
+        t.stop(Phase::EncoderBackward);
     }
 
     /// The decoder's layers from `first` on, last first: from the logits' gradient to

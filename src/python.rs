@@ -761,6 +761,19 @@ fn isa_paths() -> HashMap<&'static str, &'static str> {
     ])
 }
 
+/// Switch the timers of a training step's phases on or off (process-wide; off by default).
+#[pyfunction]
+fn set_phase_timers(on: bool) {
+    crate::phases::set_enabled(on)
+}
+
+/// The training steps timed since the last call and each phase's seconds over them, in the
+/// order the phases run (process-wide: every model's steps count); resets both.
+#[pyfunction]
+fn take_phase_times() -> (u64, Vec<(&'static str, f64)>) {
+    crate::phases::take()
+}
+
 /// A fixed Bernoulli draw of intensities x (n, d) in [0, 1]: 1.0 with probability x, else
 /// 0.0, keyed by (seed, row); float32 (n, d).
 #[pyfunction]
@@ -811,6 +824,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_function(wrap_pyfunction!(amx_available, m)?)?;
     m.add_function(wrap_pyfunction!(isa_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(set_phase_timers, m)?)?;
+    m.add_function(wrap_pyfunction!(take_phase_times, m)?)?;
     m.add_function(wrap_pyfunction!(binarize, m)?)?;
     m.add("FastVAEError", py.get_type::<FastVAEError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;

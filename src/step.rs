@@ -8,6 +8,7 @@ use crate::first_layer::{sparse_weight_backward, GradSink};
 use crate::layers::{for_rows, max_abs};
 use crate::model::{FirstWeight, Vae, Workspace};
 use crate::optim::{adam_update, all_finite, all_within, AdamConfig, AdamKernel, AdamState};
+use crate::phases::{Phase, Timer};
 use crate::rng::{binarize as binarize_row, fill_normal, stream, Purpose};
 
 /// Mutable borrows of what a training step changes, with the workspace it runs in.
@@ -29,6 +30,7 @@ impl Trainer<'_> {
     /// One step on the n rows already in ws.x: draws the noise (and, with `binarize`, the
     /// binarization) keyed by the step, then `step_with_noise`. Returns the batch's loss sum.
     pub fn step(&mut self, n: usize, sparse: bool, binarize: bool) -> Result<f64> {
+        let t = Timer::start();
         let (seed, step) = (self.seed, self.adam.t);
         let (d, zdim) = (self.vae.config.input_dim, self.vae.config.latent_dim);
         fill_normal(
@@ -42,6 +44,7 @@ impl Trainer<'_> {
                 binarize_row(&mut stream(seed, Purpose::Binarize, key), row)
             });
         }
+        t.stop(Phase::Noise);
         self.step_with_noise(n, sparse)
     }
 
@@ -83,7 +86,10 @@ impl Trainer<'_> {
         };
         vae.step_backward(grads, ws, n, k, objective, first);
         let kernel = AdamKernel::new(step, *cfg);
-        if gradients_finite(vae, grads, ws, n, n * k) {
+        let t = Timer::start();
+        let finite = gradients_finite(vae, grads, ws, n, n * k);
+        t.stop(Phase::Check);
+        if finite {
             let mut from = 0;
             if fused {
                 let l = &vae.layout.encoder[0];
@@ -98,12 +104,16 @@ impl Trainer<'_> {
                     ws.nonzeros.get().expect("indexed"),
                     &ws.denc[0][..n * l.out_dim],
                 );
+                let t = Timer::start();
                 sparse_weight_backward(sink, nz, dh, l.in_dim, l.out_dim);
+                t.stop(Phase::FirstUpdate);
                 // The first layer's weight leads the parameters.
                 debug_assert_eq!(w1.start, 0);
                 from = w1.end;
             }
+            let t = Timer::start();
             adam_from(vae, grads, adam, kernel, from);
+            t.stop(Phase::Update);
             adam.t = step;
             return Ok(loss);
         }

@@ -14,6 +14,7 @@ use crate::dataset::{gather, Dataset};
 use crate::error::{Result, VaeError};
 use crate::model::{FirstWeight, Vae, Workspace};
 use crate::optim::{AdamConfig, AdamState};
+use crate::phases::{Phase, Timer};
 use crate::pool::{keep_awake, Pool, PoolChoice};
 use crate::rng::{permutation, stream, Purpose};
 use crate::step::Trainer;
@@ -262,8 +263,11 @@ impl Model {
                     break;
                 }
                 let n = rows.len();
+                let (step, t) = (Timer::start(), Timer::start());
                 gather(&mut trainer.ws.x[..n * d], data, rows);
+                t.stop(Phase::Gather);
                 run.loss_sum += trainer.step(n, data.sparse, run.settings.binarize)?;
+                step.stop(Phase::Step);
                 run.next += n;
             }
             Ok(())
@@ -288,8 +292,11 @@ impl Model {
         let which = self.choice.pick();
         let (mut trainer, pool) = self.trainer(run, which)?;
         let t0 = std::time::Instant::now();
+        let (step, t) = (Timer::start(), Timer::start());
         batch.read_rows(&mut trainer.ws.x[..n * batch.d], 0, n);
+        t.stop(Phase::Gather);
         run.loss_sum += pool.install(|| trainer.step(n, batch.sparse, run.settings.binarize))?;
+        step.stop(Phase::Step);
         run.next += n;
         self.choice.record(which, t0.elapsed().as_secs_f64(), n);
         Ok(())

@@ -31,6 +31,8 @@ __all__ = [
     "EpochRun",
     "amx_available",
     "isa_paths",
+    "set_phase_timers",
+    "take_phase_times",
     "binarize",
     "default_threads",
     "FastVAEError",
@@ -95,6 +97,13 @@ def isa_paths() -> dict[str, str]:
     """The instruction sets this process runs on: fastvae's own kernels ("avx512", "avx2" or
     "generic", capped by FASTVAE_ISA), the gemm crate's, and whether AMX takes the large
     products ("on" or "off")."""
+
+def set_phase_timers(on: bool) -> None:
+    """Switch the timers of a training step's phases on or off (process-wide; off by default)."""
+
+def take_phase_times() -> tuple[int, list[tuple[str, float]]]:
+    """The training steps timed since the last call and each phase's seconds over them, in the
+    order the phases run (process-wide: every model's steps count); resets both."""
 
 def binarize(x: NDArray[np.float32] | NDArray[np.float64], seed: int = 0) -> NDArray[np.float32]:
     """A fixed Bernoulli draw of intensities x (n, d) in [0, 1]: 1.0 with probability x, else
