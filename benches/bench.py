@@ -762,21 +762,23 @@ def _phase_runs(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
     ]
 
 
+def _medians(per_run: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(p[k] for p in per_run) for k in per_run[0]} if per_run else {}
+
+
 def phase_us(runs: list[dict[str, Any]]) -> dict[str, float]:
     """fastvae's microseconds per training step by phase, the median over its good runs."""
-    per_run = _phase_runs(runs)
-    if not per_run:
-        return {}
-    return {k: statistics.median(p[k] for p in per_run) for k in per_run[0]}
+    return _medians(_phase_runs(runs))
 
 
 def phase_lines(runs: list[dict[str, Any]]) -> list[str]:
     """The phase table's lines: each phase's us/step and share of the step, widest first."""
-    us = phase_us(runs)
+    per_run = _phase_runs(runs)
+    us = _medians(per_run)
     step = us.pop("step", None)
     if not step:
         return []
-    n = len(_phase_runs(runs))
+    n = len(per_run)
     parts = sorted(us.items(), key=lambda kv: -kv[1])
     other = step - sum(us.values())
     cells = [f"{k} {v:,.0f} ({100 * v / step:.0f}%)" for k, v in parts if v >= 0.5]

@@ -9,7 +9,8 @@
 //! `first_layer` (the input layer, sparse or dense, forward and backward), `model` (the VAE's
 //! passes), `optim` (Adam), `step` (one training step), `train` (the model and its epochs),
 //! `infer` (ELBO, encoding, decoding), `eval` (importance-weighted log-likelihood), `dataset`,
-//! `pool` (threads, fork), `phases` (a step's time by phase), `checkpoint` (model files), `rng`, `simd`, `error`.
+//! `pool` (threads, fork), `phases` (a step's time by phase), `checkpoint` (model files),
+//! `rng`, `simd`, `error`.
 
 pub mod amx;
 pub mod checkpoint;

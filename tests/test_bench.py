@@ -1,6 +1,6 @@
-"""benches/bench.py's busy loop (--loaded) never outlives the benchmark: a benchmark killed
-outright (SIGKILL, a CI timeout) left it spinning on a core, and every later measurement on
-the machine ran loaded without saying so."""
+"""benches/bench.py: its busy loop (--loaded) never outlives the benchmark (a benchmark killed
+outright, SIGKILL or a CI timeout, left it spinning on a core, and every later measurement on
+the machine ran loaded without saying so); its table of fastvae's step by phase."""
 
 from __future__ import annotations
 
