@@ -35,6 +35,8 @@ fn products(c: &mut Criterion) {
         ("head_forward h Wh^T", B, 400, 40, Op::Plain, Op::Transposed),
         ("dec0_dinp dy Wd0", B, 400, 20, Op::Plain, Op::Plain),
         ("dec0_dweight dy^T z", 400, B, 20, Op::Transposed, Op::Plain),
+        // With a latent of 64: 64 columns, in groups of 16 on AVX2.
+        ("dec0_dinp Z=64 dy Wd0", B, 400, 64, Op::Plain, Op::Plain),
         // The output layer's products with a hidden layer of 1024: rows of 4 KB.
         (
             "out_forward H=1024",
