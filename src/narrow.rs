@@ -14,6 +14,7 @@ use crate::amx::View;
 pub const MAX_COLS: usize = 64;
 
 /// Columns per pass of the AVX2 kernel when the output is wider than 32.
+#[cfg(target_arch = "x86_64")]
 const AVX2_GROUP: usize = 16;
 
 /// Padded width of b's packed rows for n output columns: whole 16-float vectors.
