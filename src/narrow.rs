@@ -2,9 +2,10 @@
 //! dy Wd0: 128x400x20, dy^T z: 400x128x20 in the canonical model).
 //!
 //! The `gemm` crate runs these at 40-75 GFLOP/s on one Zen 5 core: its register tiles and
-//! packing are sized for wide outputs. Here each output row is n columns held in registers,
-//! (rows, n) blocks of sums grow by one rank-1 update per k: a broadcast of a's column entry
-//! times b's row, which the caller has packed once, zero-padded to a multiple of 16 columns.
+//! packing are sized for wide outputs. Here each output row is n columns held in registers
+//! (on AVX2, above 32 columns, 16 at a time), (rows, n) blocks of sums grow by one rank-1
+//! update per k: a broadcast of a's column entry times b's row, which the caller has packed
+//! once, zero-padded to a multiple of 16 columns.
 //! Every output is a single chain of fused multiply-adds over k in order, whatever the block,
 //! split or instruction set, so AVX-512 and AVX2 give the same bits.
 
@@ -54,8 +55,8 @@ pub unsafe fn gemm(dst: *mut f32, dst_rs: isize, a: View, b: View) {
 /// The AVX2 kernel, by groups of columns when the output is wide. More than 4 vectors of sums
 /// leave room for only one or two rows in 16 registers (one row alone waits on its FMA
 /// latency): then 16 columns at a time, each group passing over all of a. On one Zen 3 core,
-/// n = 48: 122 us in one pass, 70 in groups; n = 64: 149 against 95. Each output is the same
-/// chain either way.
+/// n = 48: 108 us in one pass of single rows (122 in pairs of rows with a sum spilled), 70 in
+/// groups; n = 64: 149 against 95. Each output is the same chain either way.
 ///
 /// # Safety
 /// As `gemm`; the CPU has AVX2 and FMA.
