@@ -84,7 +84,7 @@ pub enum FirstWeight {
     /// Compute it into the gradients.
     Compute,
     /// Leave it for the caller (`first_layer::sparse_weight_backward` fused with Adam):
-    /// ws.denc[0] holds the gradient it comes from.
+    /// `ws.denc[0]` holds the gradient it comes from.
     Defer,
 }
 
@@ -527,7 +527,7 @@ impl Vae {
         }
     }
 
-    /// The first layer's weight gradient into `grads`, from ws.denc[0] once `backward` made it
+    /// The first layer's weight gradient into `grads`, from `ws.denc[0]` once `backward` made it
     /// pre-activation (in `backward` itself, or after `backward(.., FirstWeight::Defer)`).
     pub fn first_weight_backward(&self, grads: &mut [f32], ws: &Workspace, n: usize) {
         let l = &self.layout.encoder[0];

@@ -23,7 +23,7 @@ pub struct LinearLayout {
 }
 
 /// A named tensor as the equivalent PyTorch module's state_dict would hold it. When
-/// `transposed`, the buffer holds the (shape[1], shape[0]) transpose.
+/// `transposed`, the buffer holds the `(shape[1], shape[0])` transpose.
 #[derive(Debug, Clone)]
 pub struct TensorSpec {
     pub name: String,
