@@ -14,7 +14,10 @@ use crate::amx::View;
 /// Widest output this module takes.
 pub const MAX_COLS: usize = 64;
 
-/// Columns per pass of the AVX2 kernel when the output is wider than 32.
+/// Widest output the AVX2 kernel sums in one pass: 4 vectors of 8.
+#[cfg(target_arch = "x86_64")]
+const AVX2_ONE_PASS: usize = 32;
+/// Columns per pass of the AVX2 kernel for wider outputs.
 #[cfg(target_arch = "x86_64")]
 const AVX2_GROUP: usize = 16;
 
@@ -62,13 +65,12 @@ pub unsafe fn gemm(dst: *mut f32, dst_rs: isize, a: View, b: View) {
 /// As `gemm`; the CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 unsafe fn avx2_grouped(dst: *mut f32, dst_rs: isize, a: View, b: View) {
-    let step = if b.cols > 32 {
-        AVX2_GROUP
-    } else {
-        b.cols.max(1)
-    };
-    for j0 in (0..b.cols).step_by(step) {
-        let cols = (b.cols - j0).min(step);
+    if b.cols <= AVX2_ONE_PASS {
+        // SAFETY: the caller's promises.
+        return unsafe { avx2::gemm(dst, dst_rs, a, b) };
+    }
+    for j0 in (0..b.cols).step_by(AVX2_GROUP) {
+        let cols = (b.cols - j0).min(AVX2_GROUP);
         let group = View {
             ptr: b.ptr.wrapping_add(j0),
             cols,
